@@ -1,0 +1,93 @@
+"""The decode loop: prefill a batch of prompts into a KV cache, then one token per row per step.
+
+The loop asks a `choose` callable for each step's tokens; the model never samples. Rows stop independently
+(at a stop id or their own token budget) and a stopped row no longer advances its cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import KVCache
+from .model import QwenForCausalLM
+
+# choose(logits [B, V] float, active [B] bool, step) -> tokens [B] long
+Chooser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def greedy(logits: torch.Tensor, active: torch.Tensor, step: int) -> torch.Tensor:
+    # torch.argmax returns the first maximum: ties break to the lowest token id
+    return logits.argmax(dim=-1)
+
+
+@dataclass
+class Step:
+    index: int
+    tokens: list[int | None]  # the token each row produced at this step; None for rows already stopped
+    finished: list[bool]  # rows that stopped at this step or before
+
+
+def right_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    ids = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    return ids, lengths
+
+
+@torch.inference_mode()
+def decode(
+    model: QwenForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    *,
+    choose: Chooser = greedy,
+    stop_ids: Sequence[int] = (),
+) -> Iterator[Step]:
+    """Yields one Step per decoding step until every row has stopped."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("decode: every prompt needs at least one token")
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts) or any(b < 0 for b in budgets):
+        raise ValueError(f"decode: max_new_tokens {max_new_tokens!r} must be >= 0, one per prompt")
+    device = model.lm_head.weight.device
+    ids, lengths = right_pad(prompts)
+    ids, lengths = ids.to(device), lengths.to(device)
+    cache = KVCache(model.config, len(prompts), int(ids.shape[1]) + max(budgets),
+                    dtype=model.lm_head.weight.dtype, device=device)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    budget = torch.tensor(budgets, dtype=torch.long, device=device)
+    active = budget > 0
+    logits = model(ids, cache=cache, num_new=lengths, last_only=True)[:, 0]  # [B, V]
+    step = 0
+    while bool(active.any()):
+        tokens = choose(logits, active, step)
+        produced = active.clone()
+        budget -= produced.long()
+        active &= (budget > 0) & ~torch.isin(tokens, stop)
+        yield Step(step, [int(t) if p else None for t, p in zip(tokens.tolist(), produced.tolist())],
+                   (~active).tolist())
+        step += 1
+        if not bool(active.any()):
+            break
+        # stopped rows still ride along in the batch but do not advance their cache
+        logits = model(tokens[:, None], cache=cache, num_new=active.long())[:, 0]
+
+
+def generate_ids(
+    model: QwenForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    *,
+    choose: Chooser = greedy,
+    stop_ids: Sequence[int] = (),
+) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in decode(model, prompts, max_new_tokens, choose=choose, stop_ids=stop_ids):
+        for row, t in enumerate(step.tokens):
+            if t is not None:
+                out[row].append(t)
+    return out

@@ -1,0 +1,68 @@
+"""A static, preallocated KV cache for a batch of sequences that each have their own length.
+
+Keys are stored already rotated (RoPE is applied before the write, as in HF). The cache is a plain object,
+not an nn.Module, so it is never part of a model's state_dict.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import QwenConfig
+from .errors import QwenRefError
+
+
+class CacheFullError(QwenRefError, ValueError):
+    """A forward would write past the cache's capacity."""
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: QwenConfig,
+        batch_size: int,
+        capacity: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        if batch_size < 1 or capacity < 1:
+            raise ValueError(f"KVCache: batch_size={batch_size} and capacity={capacity} must both be >= 1")
+        shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        # lengths[b]: how many positions of row b hold real keys (= the position of its next token)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.capacity = capacity
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        """Positions [B, T] of the next num_tokens tokens of every row."""
+        if int(self.lengths.max()) + num_tokens > self.capacity:
+            raise CacheFullError(
+                f"KV cache capacity {self.capacity} exceeded: a row at length {int(self.lengths.max())} "
+                f"cannot take {num_tokens} more token(s)"
+            )
+        return self.lengths[:, None] + torch.arange(num_tokens, device=self.lengths.device)
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Store k/v [B, KV, T, D] at positions [B, T]; returns how many leading positions attention must read."""
+        rows = torch.arange(self.batch_size, device=positions.device)[:, None]  # [B, 1]
+        # advanced indices on dims 0 and 2 move to the front: the target view is [B, T, KV, D]
+        self.k[layer][rows, :, positions] = k.transpose(1, 2)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+        return int(positions[:, -1].max()) + 1
+
+    def advance(self, num_new: torch.Tensor | int) -> None:
+        """Mark num_new [B] (or one count for all rows) of the written positions as real."""
+        self.lengths += num_new
+
+    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
+        """Forget rows (all rows when None); their stale keys are masked by position and overwritten."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0

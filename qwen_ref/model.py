@@ -1,0 +1,182 @@
+"""The Qwen2-architecture decoder (Qwen1.5, Qwen2, Qwen2.5, Qwen2.5-Coder), following HF Qwen2 semantics.
+
+Module and parameter names equal the HF checkpoint names (model.layers.N.self_attn.q_proj.weight, ...), so
+loading is a strict name match. The model computes logits; it never samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QwenConfig
+from .kv_cache import KVCache
+from .rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # numerics: normalise in float32, cast back to the input dtype, then multiply by the weight (HF order)
+        h = x.float() if x.dtype != torch.float64 else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def attention_mask(q_pos: torch.Tensor, num_keys: int, sliding_window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, T, S]: query at position p sees key j iff j <= p (and j > p - window when sliding).
+
+    Each row has its own positions, so the causal mask is aligned to where each row is, never top-left.
+    """
+    k_pos = torch.arange(num_keys, device=q_pos.device)
+    allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if sliding_window is not None:
+        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = config.head_dim**-0.5
+        sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if sliding else None
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=True)
+        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]: one rotation per row and position
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        if cache is not None:
+            num_keys = cache.write(self.layer_idx, positions, k, v)
+            k = cache.k[self.layer_idx][:, :, :num_keys]  # [B, KV, S, D]
+            v = cache.v[self.layer_idx][:, :, :num_keys]
+        S = k.shape[2]
+
+        # GQA: query head i reads KV head i // G. Grouping the query heads avoids materialising repeated keys.
+        G = self.num_heads // self.num_kv_heads
+        q = q.view(B, self.num_kv_heads, G, T, self.head_dim)  # [B, KV, G, T, D]
+        scores = torch.matmul(q, k[:, :, None].transpose(-1, -2)) * self.scaling  # [B, KV, G, T, S]
+        mask = attention_mask(positions, S, self.sliding_window)[:, :, None]  # [B, 1, 1, T, S]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        # numerics: softmax in float32 (float64 in float64 mode), probabilities cast back before P @ V (HF eager)
+        softmax_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        probs = F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
+        out = torch.matmul(probs, v[:, :, None])  # [B, KV, G, T, D]
+        out = out.reshape(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, positions, cache):
+        # residual adds in the activation dtype, as HF (no float32 residual stream)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class QwenModel(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids, positions, seq_lens, cache):
+        x = self.embed_tokens(input_ids)  # [B, T, hidden]
+        cos, sin = self.rotary_emb(positions, seq_lens, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, cache)
+        return self.norm(x)
+
+
+class QwenForCausalLM(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.config = config
+        self.model = QwenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        num_new: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in float32, float64 in float64 mode.
+
+        Without a cache: a full causal forward over input_ids [B, T] at positions 0..T-1.
+        With a cache: the T tokens continue each row at its own length. num_new [B] (default T for every row)
+        says how many of them are real; the rest are right padding whose keys the row never reads, and the
+        cache advances by num_new. last_only keeps the logits of each row's last real token.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if num_new is None:
+            num_new = torch.full((B,), T, dtype=torch.long, device=device)
+        if cache is None:
+            positions = torch.arange(T, device=device).expand(B, T)
+            seq_lens = num_new
+        else:
+            positions = cache.positions(T)
+            seq_lens = cache.lengths + num_new
+        hidden = self.model(input_ids, positions, seq_lens, cache)  # [B, T, hidden]
+        if cache is not None:
+            cache.advance(num_new)
+        if last_only:
+            last = (num_new - 1).clamp(min=0)
+            hidden = hidden[torch.arange(B, device=device), last][:, None]  # [B, 1, hidden]
+        logits = self.lm_head(hidden)
+        # numerics: lm_head runs in the model dtype (as HF); logits are then upcast for the sampler
+        return logits if logits.dtype == torch.float64 else logits.float()
