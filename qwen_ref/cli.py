@@ -18,6 +18,7 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .detok import IncrementalDetokenizer
     from .engine import decode
     from .loader import load
 
@@ -27,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
     prompt_ids = qwen.tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise QwenRefError("--prompt: the prompt encodes to no tokens; give some text")
-    emitted = b""
+    detok = IncrementalDetokenizer(qwen.tokenizer)
     t0 = time.perf_counter()
     n = 0
     for step in decode(qwen.model, [prompt_ids], args.max_tokens, stop_ids=qwen.eos_token_ids):
@@ -35,19 +36,10 @@ def _run(args: argparse.Namespace) -> int:
         if token is None:
             break
         n += 1
-        if token in qwen.eos_token_ids:
-            break
-        emitted += qwen.tokenizer.token_bytes(token)
-        # print only complete UTF-8 characters; a split multi-byte character waits for its next token
-        text = emitted.decode("utf-8", errors="ignore")
-        good = len(text.encode("utf-8"))
-        if good:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            emitted = emitted[good:]
-    if emitted:
-        sys.stdout.write(emitted.decode("utf-8", errors="replace"))
-    sys.stdout.write("\n")
+        # a split multi-byte character is held back until its next token arrives
+        sys.stdout.write(detok.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
     dt = time.perf_counter() - t0
     print(f"[{len(prompt_ids)} prompt tokens, {n} generated, greedy, {dt:.2f}s, {n / dt:.1f} tok/s, "
           f"{qwen.dtype} on {qwen.device}]", file=sys.stderr)

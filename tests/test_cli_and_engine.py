@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qwen_ref
+from qwen_ref.detok import IncrementalDetokenizer, detokenize
 from qwen_ref.engine import decode, generate_ids
 from qwen_ref.kv_cache import CacheFullError, KVCache
 
@@ -27,8 +28,8 @@ def test_run_greedy_on_a_checkpoint_matches_the_engine(tiny):
     assert r.returncode == 0, r.stderr
     q = qwen_ref.load(path)
     ids = generate_ids(q.model, [q.tokenizer.encode("Hello, world!")], 12, stop_ids=q.eos_token_ids)[0]
-    ids = [t for t in ids if t not in q.eos_token_ids]
-    assert r.stdout == q.tokenizer.decode(ids) + "\n"
+    assert r.stdout == detokenize(q.tokenizer, ids) + "\n"
+    assert r.stdout == q.tokenizer.decode(ids, skip_special_tokens=True) + "\n"
     assert "loading weights" in r.stderr and "12 generated" in r.stderr
 
 
@@ -86,3 +87,17 @@ def test_cache_capacity_is_enforced(tiny):
             model(torch.tensor([[5]]), cache=cache)
     assert cache.lengths.tolist() == [4]
     assert not any("cache" in k for k in model.state_dict())
+
+
+def test_incremental_detokenizer_never_splits_a_character(tiny):
+    tok = qwen_ref.load(tiny("qwen2.5")).tokenizer
+    text = "naïve 日本語 😀🎉 café — 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 <|im_end|> end"
+    ids = tok.encode(text)
+    d = IncrementalDetokenizer(tok)
+    chunks = [d.push(i) for i in ids] + [d.flush()]
+    assert "".join(chunks) == text.replace("<|im_end|>", "")
+    for c in chunks:
+        c.encode("utf-8")  # every chunk is whole characters (no lone surrogates, nothing split)
+    # invalid UTF-8 (a lone continuation byte, a truncated 3-byte lead) becomes U+FFFD, the same in pieces
+    stray = [next(i for i in range(256) if tok.token_bytes(i) == b) for b in (b"\x80", b"a", b"\xe6", b"b")]
+    assert detokenize(tok, stray) == b"\x80a\xe6b".decode("utf-8", errors="replace") == "\ufffda\ufffdb"
