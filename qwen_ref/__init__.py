@@ -10,16 +10,27 @@ from .errors import (
     TokenizerError,
 )
 from .loader import Qwen, load
+from .validate import InvalidInput
+
+
+def generate(qwen, inputs):
+    """A Workers AI text-generation request in, its result out (see qwen_ref.api.generate)."""
+    from .api import generate as _generate
+
+    return _generate(qwen, inputs)
+
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "InvalidInput",
     "InvalidSamplingParams",
     "Qwen",
     "QwenConfig",
     "QwenRefError",
     "SourceNotFoundError",
     "TokenizerError",
+    "generate",
     "load",
 ]
 __version__ = "0.1.0"

@@ -1,12 +1,36 @@
-"""The qwen-ref command line."""
+"""The qwen-ref command line: run (the Workers AI request contract) and inspect (the sampler, stage by stage)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
+from pathlib import Path
+from typing import Any
 
 from .errors import QwenRefError
+
+# flag -> request field, with its type
+PARAM_FLAGS = {
+    "max_tokens": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "seed": int,
+    "repetition_penalty": float,
+    "frequency_penalty": float,
+    "presence_penalty": float,
+}
+
+
+def _read_json(source: str, what: str) -> Any:
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        return json.loads(text)
+    except OSError as e:
+        raise QwenRefError(f"{what}: cannot read {source!r} ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise QwenRefError(f"{what}: {source!r} is not valid JSON ({e})") from None
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -17,56 +41,118 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _add_request_args(p: argparse.ArgumentParser) -> None:
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="a prompt (templated as one user message unless --raw)")
+    what.add_argument("--messages", metavar="FILE", help="a JSON file: a list of {role, content} messages")
+    what.add_argument("--input", metavar="FILE", help="a whole Workers AI request body as JSON ('-' for stdin)")
+    p.add_argument("--raw", action="store_true", default=None, help="feed --prompt as-is, no chat template")
+    p.add_argument("--tools", metavar="FILE", help="a JSON file: the request's tools list")
+    p.add_argument("--json-schema", metavar="FILE", help="JSON mode with this JSON Schema")
+    p.add_argument("--json-object", action="store_true", help="JSON mode: any JSON object")
+    for name, kind in PARAM_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, dest=name)
+
+
+def build_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The request body the flags describe; flags override fields of --input."""
+    if args.input is not None:
+        body = _read_json(args.input, "--input")
+        if not isinstance(body, dict):
+            raise QwenRefError("--input: the request body must be a JSON object")
+    elif args.messages is not None:
+        messages = _read_json(args.messages, "--messages")
+        body = messages if isinstance(messages, dict) else {"messages": messages}
+    else:
+        body = {"prompt": args.prompt}
+    if args.raw:
+        body["raw"] = True
+    if args.tools is not None:
+        body["tools"] = _read_json(args.tools, "--tools")
+    if args.json_schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": _read_json(args.json_schema,
+                                                                                  "--json-schema")}
+    elif args.json_object:
+        body["response_format"] = {"type": "json_object"}
+    for name in PARAM_FLAGS:
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    if getattr(args, "stream", False):
+        body["stream"] = True
+    return body
+
+
 def _run(args: argparse.Namespace) -> int:
-    from .detok import IncrementalDetokenizer
-    from .engine import decode
+    from .api import generate
     from .loader import load
 
+    body = build_request(args)
     qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True)
-    if qwen.tokenizer is None:
-        raise QwenRefError(f"{qwen.path}: no tokenizer files (tokenizer.json); cannot encode a text prompt")
-    prompt_ids = qwen.tokenizer.encode(args.prompt)
-    if not prompt_ids:
-        raise QwenRefError("--prompt: the prompt encodes to no tokens; give some text")
-    detok = IncrementalDetokenizer(qwen.tokenizer)
-    t0 = time.perf_counter()
-    n = 0
-    for step in decode(qwen.model, [prompt_ids], args.max_tokens, stop_ids=qwen.eos_token_ids):
-        token = step.tokens[0]
-        if token is None:
+    out = generate(qwen, body)
+    if not body.get("stream"):
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+        return 0
+    for event in out:  # Server-Sent Events: print the text as it arrives, usage to stderr
+        data = event.decode("utf-8").removeprefix("data: ").strip()
+        if data == "[DONE]":
             break
-        n += 1
-        # a split multi-byte character is held back until its next token arrives
-        sys.stdout.write(detok.push(token))
+        chunk = json.loads(data)
+        sys.stdout.write(chunk.get("response", ""))
         sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
-    dt = time.perf_counter() - t0
-    print(f"[{len(prompt_ids)} prompt tokens, {n} generated, greedy, {dt:.2f}s, {n / dt:.1f} tok/s, "
-          f"{qwen.dtype} on {qwen.device}]", file=sys.stderr)
+        if "usage" in chunk:
+            sys.stdout.write("\n")
+            extra = {k: v for k, v in chunk.items() if k not in ("response", "p")}
+            print(json.dumps(extra, ensure_ascii=False), file=sys.stderr)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspector import inspect_steps
+    from .loader import load
+
+    body = build_request(args)
+    body.pop("stream", None)
+    qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True)
+    for table in inspect_steps(qwen, body, steps=args.steps, top=args.top, plot=args.plot):
+        print(table)
+        print()
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-ref", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="greedy-decode a raw text prompt (no chat template)")
+
+    run = sub.add_parser("run", help="run one Workers AI request (prints the output JSON, or streams text)")
     _add_source_args(run)
-    run.add_argument("--prompt", required=True)
-    run.add_argument("--max-tokens", type=int, default=64)
+    _add_request_args(run)
+    run.add_argument("--stream", action="store_true", help="stream the text as it is generated (SSE)")
     run.set_defaults(func=_run)
+
+    ins = sub.add_parser("inspect", help="show the next-token distribution after every sampler stage")
+    _add_source_args(ins)
+    _add_request_args(ins)
+    ins.add_argument("--steps", type=int, default=1, help="how many tokens to trace (default 1)")
+    ins.add_argument("--top", type=int, default=10, help="candidates shown per stage (default 10)")
+    ins.add_argument("--plot", metavar="PNG", help="write a plot of the distribution across stages "
+                                                   "(needs matplotlib: pip install qwen-ref[plot])")
+    ins.set_defaults(func=_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "max_tokens", 1) < 1:
-        print("qwen-ref: error: --max-tokens must be >= 1", file=sys.stderr)
-        return 2
+    for name in ("steps", "top"):
+        if getattr(args, name, 1) < 1:
+            print(f"qwen-ref: error: --{name} must be >= 1", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except QwenRefError as e:
         print(f"qwen-ref: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0
     except KeyboardInterrupt:
         return 130
 

@@ -91,3 +91,33 @@ def generate_ids(
             if t is not None:
                 out[row].append(t)
     return out
+
+
+class SamplingChooser:
+    """The decode loop's chooser for real requests: per-row sampler state, optional JSON-mode constraints
+    (stage 0) and optional logprobs. Only active rows advance their sampler state and constraint."""
+
+    def __init__(self, states: Sequence, constraints: Sequence | None = None, logprobs: int | None = None):
+        self.states = list(states)
+        self.constraints = list(constraints) if constraints is not None else [None] * len(self.states)
+        self.logprobs = logprobs
+        self.last_logprobs: list | None = None
+
+    def __call__(self, logits: torch.Tensor, active: torch.Tensor, step: int) -> torch.Tensor:
+        from .sampling import sample
+
+        allowed = None
+        if any(c is not None for c in self.constraints):
+            from .constrain import batch_allowed
+
+            allowed = batch_allowed(self.constraints, logits.shape[-1])
+            allowed[~active.cpu()] = True  # a stopped row draws a throwaway token; never an all-masked row
+            allowed = allowed.to(logits.device)
+        tokens, info = sample(logits, self.states, allowed=allowed, logprobs=self.logprobs)
+        self.last_logprobs = info
+        for row, (token, is_active) in enumerate(zip(tokens.tolist(), active.tolist())):
+            if is_active:
+                self.states[row].accept(token)
+                if self.constraints[row] is not None:
+                    self.constraints[row].advance(token)
+        return tokens

@@ -362,7 +362,9 @@ def _tool_calls_failure(tool_calls: Any) -> str | None:
 def _json_mode_failure(response: Any, response_format: Mapping[str, Any]) -> str | None:
     if response_format.get("type") == "json_object":
         return None if isinstance(response, dict) else f"/response: JSON mode needs an object, got {_show(response)}"
-    schema = response_format.get("json_schema", {})
+    from .constrain import json_schema_of  # unwraps OpenAI's {"name", "schema"} form; needs no llguidance
+
+    schema = json_schema_of(response_format)[0]
     return _schema_failure(validator_for(schema, default=Draft202012Validator)(schema), response, ("response",))
 
 

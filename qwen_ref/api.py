@@ -1,0 +1,232 @@
+"""generate(): the Workers AI text-generation contract on top of the model, the sampler and the decode loop.
+
+request dict -> validate -> prompt (template, tokenize) -> decode loop -> text, tool calls, JSON, usage
+-> output dict, or Server-Sent Events bytes when stream is true. Every check runs before any compute, so a
+bad request never produces a partial result.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .detok import IncrementalDetokenizer, detokenize
+from .engine import SamplingChooser, decode
+from .errors import InvalidSamplingParams, QwenRefError
+from .loader import Qwen
+from .sampling import RequestState, SamplingParams
+from .validate import InvalidInput, validate_input, with_defaults
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty",
+                   "presence_penalty", "max_tokens")
+PADDING = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+class ContextWindowExceeded(QwenRefError, ValueError):
+    """prompt_tokens + max_tokens is more than the model's context window (HTTP 400 at the service)."""
+
+    code = 400
+
+
+class LoraUnavailable(QwenRefError, ValueError):
+    """The request names a LoRA adapter the model cannot serve (Workers AI code 5005, HTTP 405)."""
+
+    code = 5005
+
+
+@dataclass
+class Prepared:
+    """One validated request, ready for the decode loop."""
+
+    inputs: dict[str, Any]
+    prompt_ids: list[int]
+    state: RequestState
+    max_tokens: int
+    constraint: Any = None  # qwen_ref.constrain.JsonConstraint in JSON mode
+    tool_names: set[str] = field(default_factory=set)
+
+    @property
+    def response_format(self) -> dict[str, Any] | None:
+        return self.inputs.get("response_format")
+
+
+def context_window(qwen: Qwen) -> int:
+    return qwen.known.context_window if qwen.known is not None else qwen.config.max_position_embeddings
+
+
+def _prefix(path: str, where: str) -> str:
+    return where + path if path != "/" or not where else where
+
+
+def _bad(where: str, path: str, rule: str, detail: str) -> InvalidInput:
+    return InvalidInput(_prefix(path, where), rule, detail)
+
+
+def prompt_text(qwen: Qwen, inputs: dict[str, Any], where: str = "") -> tuple[str, set[str]]:
+    """The text the model reads, and the names of the offered tools."""
+    from .chat import ChatTemplateError, render_chat, template_special_tokens
+    from .tools import ToolSpecError, check_functions, normalize_tools, tool_names
+
+    tok = qwen.tokenizer
+    try:
+        check_functions(inputs.get("functions"))
+        tools = normalize_tools(inputs.get("tools"))
+    except ToolSpecError as e:
+        raise _bad(where, "/tools" if "tools" in inputs else "/functions", "tools", str(e)) from None
+    if "prompt" in inputs and inputs.get("raw"):
+        return inputs["prompt"], tool_names(tools)
+    messages = inputs["messages"] if "messages" in inputs else [{"role": "user", "content": inputs["prompt"]}]
+    if tok.chat_template is None:
+        raise _bad(where, "/", "chat_template",
+                   f"the checkpoint {qwen.path} has no chat template; send a prompt with raw: true")
+    try:
+        text = render_chat(tok.chat_template, messages, tools=tools or None, add_generation_prompt=True,
+                           special_tokens=template_special_tokens(tok.config))
+    except ChatTemplateError as e:
+        raise _bad(where, "/messages" if "messages" in inputs else "/prompt", "chat_template", str(e)) from None
+    return text, tool_names(tools)
+
+
+def prepare(qwen: Qwen, inputs: Any, where: str = "") -> Prepared:
+    try:
+        body = with_defaults(validate_input(inputs))
+    except InvalidInput as e:
+        raise _bad(where, e.path, e.rule, e.detail) from None
+    if body.get("lora") is not None:
+        model_id = qwen.known.workers_ai_id if qwen.known else str(qwen.path)
+        if qwen.known is not None and not qwen.known.takes_lora:
+            raise LoraUnavailable(f"The model {model_id} does not support LoRa inference")
+        raise LoraUnavailable(f"lora: {body['lora']!r}: LoRA adapters are not available for {model_id} "
+                              "(load the model with a LoRA directory)")
+    if qwen.tokenizer is None:
+        raise _bad(where, "/", "tokenizer", f"the checkpoint {qwen.path} has no tokenizer files")
+    text, names = prompt_text(qwen, body, where)
+    prompt_ids = qwen.tokenizer.encode(text)
+    if not prompt_ids:
+        raise _bad(where, "/prompt", "minLength", "the prompt encodes to no tokens")
+    max_tokens = body["max_tokens"]
+    window = context_window(qwen)
+    if len(prompt_ids) + max_tokens > window:
+        raise ContextWindowExceeded(
+            f"This model's maximum context length is {window} tokens. However, you requested {max_tokens} "
+            f"output tokens and your prompt contains {len(prompt_ids)} input tokens, for a total of "
+            f"{len(prompt_ids) + max_tokens} tokens. Please reduce the length of the input prompt or max_tokens."
+        )
+    try:
+        params = SamplingParams.from_dict({k: body[k] for k in SAMPLING_FIELDS if k in body})
+    except InvalidSamplingParams as e:
+        field_name = str(e).split(":", 1)[0]
+        raise _bad(where, f"/{field_name}", "range", str(e)) from None
+    constraint = None
+    if body.get("response_format") is not None:
+        from .constrain import InvalidJsonSchema, JsonConstraint
+
+        try:
+            constraint = JsonConstraint.from_response_format(body["response_format"], qwen.tokenizer,
+                                                             qwen.config.vocab_size, eos_ids=qwen.eos_token_ids)
+        except InvalidJsonSchema as e:
+            raise _bad(where, "/response_format" + e.path.removeprefix("/response_format"), "json_schema",
+                       e.detail) from None
+    return Prepared(body, prompt_ids, RequestState.start(params, prompt_ids), max_tokens, constraint, names)
+
+
+@dataclass
+class Finished:
+    tokens: list[int]
+    text: str
+
+
+def _usage(p: Prepared, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion,
+            "total_tokens": len(p.prompt_ids) + completion}
+
+
+def shape_output(qwen: Qwen, p: Prepared, tokens: list[int]) -> dict[str, Any]:
+    """The non-stream result object for one finished request."""
+    from .tools import parse_tool_calls
+
+    text = detokenize(qwen.tokenizer, tokens)
+    out: dict[str, Any] = {}
+    if p.constraint is not None:
+        p.constraint.require_complete()  # raises JsonModeNotMet ("JSON Mode couldn't be met")
+        out["response"] = p.constraint.result(text)
+    else:
+        content, calls = parse_tool_calls(text, p.tool_names or None)
+        out["response"] = content
+        if calls:
+            out["tool_calls"] = calls
+    out["usage"] = _usage(p, len(tokens))
+    return out
+
+
+def _run(qwen: Qwen, batch: Sequence[Prepared]) -> Iterator[tuple[int, int]]:
+    """(row, token) for every token the batch produces, in decoding order."""
+    chooser = SamplingChooser([p.state for p in batch], [p.constraint for p in batch])
+    for step in decode(qwen.model, [p.prompt_ids for p in batch], [p.max_tokens for p in batch],
+                       choose=chooser, stop_ids=qwen.eos_token_ids):
+        for row, token in enumerate(step.tokens):
+            if token is not None:
+                yield row, token
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+def _padding() -> str:
+    # random-length padding on every chunk, as the service adds against token-length side channels
+    n = 1 + secrets.randbelow(len(PADDING) + 12)
+    return (PADDING * 2)[:n]
+
+
+def _stream(qwen: Qwen, p: Prepared) -> Iterator[bytes]:
+    from .tools import parse_tool_calls
+
+    detok = IncrementalDetokenizer(qwen.tokenizer)
+    tokens: list[int] = []
+    for _, token in _run(qwen, [p]):
+        tokens.append(token)
+        chunk = detok.push(token)
+        if chunk:
+            yield _sse({"response": chunk, "p": _padding()})
+    tail = detok.flush()
+    if tail:
+        yield _sse({"response": tail, "p": _padding()})
+    final: dict[str, Any] = {"response": "", "usage": _usage(p, len(tokens))}
+    if p.constraint is not None:
+        if not p.constraint.is_complete():
+            final["error"] = "JSON Mode couldn't be met"
+    else:
+        _, calls = parse_tool_calls(detokenize(qwen.tokenizer, tokens), p.tool_names or None)
+        if calls:
+            final["tool_calls"] = calls
+    yield _sse(final)
+    yield b"data: [DONE]\n\n"
+
+
+def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]]) -> Any:
+    """A Workers AI request body in, its result out (or an iterator of SSE bytes when stream is true).
+
+    A list of request bodies runs as one batch and returns a list of results; each keeps its own
+    parameters and seed, and gets the same tokens it would get alone.
+    """
+    if isinstance(inputs, list):
+        if not inputs:
+            raise InvalidInput("/", "minItems", "a batch needs at least one request")
+        batch = [prepare(qwen, body, where=f"/{i}") for i, body in enumerate(inputs)]
+        for i, p in enumerate(batch):
+            if p.inputs.get("stream"):
+                raise InvalidInput(f"/{i}/stream", "batch", "stream is not available in a batch; "
+                                                            "send streamed requests one at a time")
+        outputs: list[list[int]] = [[] for _ in batch]
+        for row, token in _run(qwen, batch):
+            outputs[row].append(token)
+        return [shape_output(qwen, p, toks) for p, toks in zip(batch, outputs)]
+    p = prepare(qwen, inputs)
+    if p.inputs.get("stream"):
+        return _stream(qwen, p)
+    tokens = [token for _, token in _run(qwen, [p])]
+    return shape_output(qwen, p, tokens)
