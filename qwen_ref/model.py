@@ -67,6 +67,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: torch.Tensor,
+        masks: dict[int | None, torch.Tensor],
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -82,18 +83,22 @@ class Attention(nn.Module):
             k = cache.k[self.layer_idx][:, :, :num_keys]  # [B, KV, S, D]
             v = cache.v[self.layer_idx][:, :, :num_keys]
         S = k.shape[2]
+        if self.sliding_window not in masks:  # one mask per window size, shared by the layers of a forward
+            masks[self.sliding_window] = attention_mask(positions, S, self.sliding_window)
+        mask = masks[self.sliding_window]
 
-        # GQA: query head i reads KV head i // G. Grouping the query heads avoids materialising repeated keys.
+        # GQA: query head i reads KV head i // G. The G query heads of a KV head are stacked along the
+        # query axis, so one plain batched matmul per KV head serves them, with no repeated keys.
         G = self.num_heads // self.num_kv_heads
-        q = q.view(B, self.num_kv_heads, G, T, self.head_dim)  # [B, KV, G, T, D]
-        scores = torch.matmul(q, k[:, :, None].transpose(-1, -2)) * self.scaling  # [B, KV, G, T, S]
-        mask = attention_mask(positions, S, self.sliding_window)[:, :, None]  # [B, 1, 1, T, S]
-        scores = scores.masked_fill(~mask, float("-inf"))
+        q = q.reshape(B, self.num_kv_heads, G * T, self.head_dim)  # [B, KV, G*T, D] (a view: H = KV*G)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling  # [B, KV, G*T, S]
+        scores = scores.view(B, self.num_kv_heads, G, T, S)
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask [B, 1, T, S] -> [B, 1, 1, T, S]
         # numerics: softmax in float32 (float64 in float64 mode), probabilities cast back before P @ V (HF eager)
         softmax_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
         probs = F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
-        out = torch.matmul(probs, v[:, :, None])  # [B, KV, G, T, D]
-        out = out.reshape(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
+        out = torch.matmul(probs.view(B, self.num_kv_heads, G * T, S), v)  # [B, KV, G*T, D]
+        out = out.view(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
         return self.o_proj(out)
 
 
@@ -116,9 +121,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, positions, cache):
+    def forward(self, x, cos, sin, positions, masks, cache):
         # residual adds in the activation dtype, as HF (no float32 residual stream)
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, masks, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -133,8 +138,9 @@ class QwenModel(nn.Module):
     def forward(self, input_ids, positions, seq_lens, cache):
         x = self.embed_tokens(input_ids)  # [B, T, hidden]
         cos, sin = self.rotary_emb(positions, seq_lens, x.dtype)
+        masks: dict[int | None, torch.Tensor] = {}
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, cache)
+            x = layer(x, cos, sin, positions, masks, cache)
         return self.norm(x)
 
 

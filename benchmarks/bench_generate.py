@@ -1,0 +1,184 @@
+"""Greedy generation speed: qwen_ref against transformers on the same weights, in one process.
+
+Makes (or reuses) random-weight checkpoints with the exact shapes of Qwen2.5-0.5B-Instruct and
+Qwen1.5-0.5B-Chat, measures the machine's memory read bandwidth, then for each case times transformers'
+generate and ours on the same prompt tokens after a warm-up. Decode tok/s excludes the prefill: it is
+(N - 1) / (time(N new tokens) - time(1 new token)). One JSON line per case, then a table.
+
+    python benchmarks/bench_generate.py [--preset P ...] [--dtype D ...] [--prompt-len 128] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_ref.engine import generate_ids
+from qwen_ref.loader import load
+from qwen_ref.tiny import cache_root, make_tiny_checkpoint
+
+PRESETS = ("qwen2.5-0.5b-shape", "qwen1.5-0.5b-shape")
+
+
+def memory(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s that a full-thread reduction reads from memory (best of `repeats`)."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def checkpoint(preset: str) -> Path:
+    path = cache_root() / "bench" / preset
+    if not (path / "config.json").is_file():
+        make_tiny_checkpoint(preset, path, dtype="bfloat16", with_tokenizer=False)
+    return path
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter once, the input embedding only when it is
+    also the lm_head (a gather of one row otherwise)."""
+    seen, total = set(), 0
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    for name, p in model.named_parameters():
+        if id(p) in seen or (name == "model.embed_tokens.weight" and not tied):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_token(model, context: int, dtype: torch.dtype) -> int:
+    c = model.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize * context
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_ours(model, prompts, new_tokens: int, repeats: int) -> tuple[float, float]:
+    generate_ids(model, prompts, 2)  # warm-up
+    t1 = timed(lambda: generate_ids(model, prompts, 1), repeats)
+    tn = timed(lambda: generate_ids(model, prompts, new_tokens), repeats)
+    return t1, tn
+
+
+def bench_hf(model, prompts, new_tokens: int, repeats: int) -> tuple[float, float]:
+    from transformers import GenerationConfig
+
+    ids = torch.tensor(prompts)
+    model.generation_config = GenerationConfig(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def run(n):
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, attention_mask=torch.ones_like(ids))
+
+    run(2)
+    return timed(lambda: run(1), repeats), timed(lambda: run(new_tokens), repeats)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", nargs="+", default=list(PRESETS), choices=PRESETS)
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true", help="time only qwen_ref")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    bandwidth = read_bandwidth() if device.type == "cpu" else None
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 151643, (args.batch, args.prompt_len), generator=g).tolist()
+    rows = []
+    for preset in args.preset:
+        path = checkpoint(preset)
+        for dtype_name in args.dtype:
+            dtype = getattr(torch, dtype_name)
+            reset_peak()
+            before = memory("VmRSS")
+            qwen = load(path, dtype=dtype, device=device)
+            load_peak = memory("VmHWM") - before
+            model = qwen.model
+            wbytes = weight_bytes_per_token(model)
+            t1, tn = bench_ours(model, prompts, args.new_tokens, args.repeats)
+            row = {
+                "bench": "generate", "preset": preset, "dtype": dtype_name, "device": str(device),
+                "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                "threads": args.threads,
+                "prefill_tok_s": round(args.batch * args.prompt_len / t1, 1),
+                "decode_tok_s": round(args.batch * (args.new_tokens - 1) / (tn - t1), 2),
+                "weight_bytes": wbytes, "load_peak_rss_bytes": load_peak,
+                "load_peak_over_weights": round(load_peak / sum(p.numel() * p.element_size()
+                                                               for p in model.parameters()), 3),
+            }
+            context = args.prompt_len + args.new_tokens // 2
+            step_bytes = wbytes + args.batch * kv_bytes_per_token(model, context, dtype)
+            row["bytes_per_step"] = step_bytes
+            if bandwidth is not None:
+                row["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
+                roofline = bandwidth / step_bytes  # decode steps per second at full bandwidth
+                row["roofline_tok_s"] = round(args.batch * roofline, 2)
+                row["roofline_fraction"] = round(row["decode_tok_s"] / (args.batch * roofline), 3)
+            del qwen, model
+            if not args.skip_hf:
+                from transformers import AutoModelForCausalLM
+
+                hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+                h1, hn = bench_hf(hf, prompts, args.new_tokens, args.repeats)
+                del hf
+                row["hf_prefill_tok_s"] = round(args.batch * args.prompt_len / h1, 1)
+                row["hf_decode_tok_s"] = round(args.batch * (args.new_tokens - 1) / (hn - h1), 2)
+                row["decode_ratio_vs_hf"] = round(row["decode_tok_s"] / row["hf_decode_tok_s"], 2)
+                row["prefill_ratio_vs_hf"] = round(row["prefill_tok_s"] / row["hf_prefill_tok_s"], 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    print(f"\n{'preset':<20}{'dtype':<10}{'prefill':>10}{'decode':>9}{'hf dec':>9}{'ratio':>7}{'roofline':>10}",
+          file=sys.stderr)
+    for r in rows:
+        print(f"{r['preset']:<20}{r['dtype']:<10}{r['prefill_tok_s']:>10}{r['decode_tok_s']:>9}"
+              f"{r.get('hf_decode_tok_s', '-'):>9}{r.get('decode_ratio_vs_hf', '-'):>7}"
+              f"{r.get('roofline_fraction', '-'):>10}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
