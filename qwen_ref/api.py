@@ -144,7 +144,20 @@ def _usage(p: Prepared, completion: int) -> dict[str, int]:
             "total_tokens": len(p.prompt_ids) + completion}
 
 
-def shape_output(qwen: Qwen, p: Prepared, tokens: list[int]) -> dict[str, Any]:
+def logprob_records(qwen: Qwen, infos: list[Any]) -> list[dict[str, Any]]:
+    """The `logprobs` extension: per generated token its log-probability under the model's raw distribution
+    and under the final sampling distribution, with the N best alternatives of each."""
+    tok = qwen.tokenizer
+
+    def alternatives(pairs) -> list[dict[str, Any]]:
+        return [{"id": i, "text": tok.decode([i]), "logprob": lp} for i, lp in pairs]
+
+    return [{"id": info.token, "text": tok.decode([info.token]), "logprob": info.raw,
+             "sampling_logprob": info.final, "top_logprobs": alternatives(info.raw_top),
+             "top_sampling_logprobs": alternatives(info.final_top)} for info in infos]
+
+
+def shape_output(qwen: Qwen, p: Prepared, tokens: list[int], infos: list[Any] | None = None) -> dict[str, Any]:
     """The non-stream result object for one finished request."""
     from .tools import parse_tool_calls
 
@@ -159,17 +172,32 @@ def shape_output(qwen: Qwen, p: Prepared, tokens: list[int]) -> dict[str, Any]:
         if calls:
             out["tool_calls"] = calls
     out["usage"] = _usage(p, len(tokens))
+    if p.inputs.get("logprobs") is not None:
+        out["logprobs"] = logprob_records(qwen, infos or [])
     return out
 
 
-def _run(qwen: Qwen, batch: Sequence[Prepared]) -> Iterator[tuple[int, int]]:
-    """(row, token) for every token the batch produces, in decoding order."""
-    chooser = SamplingChooser([p.state for p in batch], [p.constraint for p in batch])
+def _run(qwen: Qwen, batch: Sequence[Prepared]) -> Iterator[tuple[int, int, Any]]:
+    """(row, token, logprobs info or None) for every token the batch produces, in decoding order."""
+    wanted = [p.inputs.get("logprobs") for p in batch]
+    n = max((w for w in wanted if w is not None), default=None)
+    chooser = SamplingChooser([p.state for p in batch], [p.constraint for p in batch], logprobs=n)
     for step in decode(qwen.model, [p.prompt_ids for p in batch], [p.max_tokens for p in batch],
                        choose=chooser, stop_ids=qwen.eos_token_ids):
+        infos = chooser.last_logprobs
         for row, token in enumerate(step.tokens):
             if token is not None:
-                yield row, token
+                info = None
+                if infos is not None and wanted[row] is not None:
+                    info = _trim(infos[row], wanted[row])
+                yield row, token, info
+
+
+def _trim(info: Any, n: int) -> Any:
+    """A batch computes the largest N asked for; each request keeps its own N."""
+    from dataclasses import replace
+
+    return replace(info, raw_top=info.raw_top[:n], final_top=info.final_top[:n])
 
 
 def _sse(obj: Any) -> bytes:
@@ -187,15 +215,29 @@ def _stream(qwen: Qwen, p: Prepared) -> Iterator[bytes]:
 
     detok = IncrementalDetokenizer(qwen.tokenizer)
     tokens: list[int] = []
-    for _, token in _run(qwen, [p]):
+    pending: list[Any] = []  # logprobs of tokens whose text is not out yet (a held-back partial character)
+    with_logprobs = p.inputs.get("logprobs") is not None
+
+    def event(text: str) -> dict[str, Any]:
+        e: dict[str, Any] = {"response": text, "p": _padding()}
+        if with_logprobs:
+            e["logprobs"] = logprob_records(qwen, pending)
+            pending.clear()
+        return e
+
+    for _, token, info in _run(qwen, [p]):
         tokens.append(token)
+        if info is not None:
+            pending.append(info)
         chunk = detok.push(token)
         if chunk:
-            yield _sse({"response": chunk, "p": _padding()})
+            yield _sse(event(chunk))
     tail = detok.flush()
     if tail:
-        yield _sse({"response": tail, "p": _padding()})
+        yield _sse(event(tail))
     final: dict[str, Any] = {"response": "", "usage": _usage(p, len(tokens))}
+    if with_logprobs and pending:
+        final["logprobs"] = logprob_records(qwen, pending)
     if p.constraint is not None:
         if not p.constraint.is_complete():
             final["error"] = "JSON Mode couldn't be met"
@@ -222,11 +264,18 @@ def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]]) -> Any:
                 raise InvalidInput(f"/{i}/stream", "batch", "stream is not available in a batch; "
                                                             "send streamed requests one at a time")
         outputs: list[list[int]] = [[] for _ in batch]
-        for row, token in _run(qwen, batch):
+        infos: list[list[Any]] = [[] for _ in batch]
+        for row, token, info in _run(qwen, batch):
             outputs[row].append(token)
-        return [shape_output(qwen, p, toks) for p, toks in zip(batch, outputs)]
+            if info is not None:
+                infos[row].append(info)
+        return [shape_output(qwen, p, toks, inf) for p, toks, inf in zip(batch, outputs, infos)]
     p = prepare(qwen, inputs)
     if p.inputs.get("stream"):
         return _stream(qwen, p)
-    tokens = [token for _, token in _run(qwen, [p])]
-    return shape_output(qwen, p, tokens)
+    tokens, infos_one = [], []
+    for _, token, info in _run(qwen, [p]):
+        tokens.append(token)
+        if info is not None:
+            infos_one.append(info)
+    return shape_output(qwen, p, tokens, infos_one)

@@ -89,6 +89,8 @@ def _strict_branch(branch: dict[str, Any]) -> dict[str, Any]:
     strict["type"] = "object"
     props = strict["properties"]
     props.setdefault("lora", {"type": "string"})  # the service's LoRA docs send lora with messages
+    # qwen-ref extension (the service has no such field): per-token logprobs and the N best alternatives
+    props["logprobs"] = {"type": "integer", "minimum": 0, "maximum": 20}
     props["max_tokens"]["minimum"] = 1
     response_format = props["response_format"]
     response_format["required"] = ["type"]

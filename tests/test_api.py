@@ -224,3 +224,34 @@ def test_json_mode_returns_a_parsed_value(qwen25):
     assert set(out["response"]) == {"name", "n"}
     streamed = [json.loads(p) for p in parse_sse(generate(qwen25, {**body, "stream": True}))[:-1]]
     assert json.loads("".join(e["response"] for e in streamed)) == out["response"]
+
+
+def test_logprobs_extension(qwen25):
+    """raw logprobs are log_softmax of the model's logits at each generated position; final ones are under
+    the sampling distribution; streamed events carry the same records."""
+    from qwen_ref.sampling import distribution
+
+    body = {"prompt": "Hello", "raw": True, "max_tokens": 6, "seed": 3, "temperature": 0.9, "top_k": 5,
+            "logprobs": 3}
+    out = generate(qwen25, body)
+    validate_output(out)
+    records = out["logprobs"]
+    assert len(records) == out["usage"]["completion_tokens"]
+    prompt = qwen25.tokenizer.encode("Hello")
+    ids = prompt + [r["id"] for r in records]
+    with torch.no_grad():
+        logits = qwen25.model(torch.tensor([ids]))[0]
+    for i, r in enumerate(records):
+        z = logits[len(prompt) - 1 + i]
+        raw = torch.log_softmax(z.double(), -1)
+        assert abs(r["logprob"] - raw[r["id"]].item()) <= 1e-4
+        assert [a["id"] for a in r["top_logprobs"]] == raw.topk(3).indices.tolist()
+        params = {k: body[k] for k in ("temperature", "top_k", "seed")}
+        p = distribution(z, params, prompt, ids[len(prompt) : len(prompt) + i])
+        assert abs(r["sampling_logprob"] - float(torch.log(p[r["id"]]))) <= 1e-4
+        assert len(r["top_sampling_logprobs"]) == 3 and r["text"] == qwen25.tokenizer.decode([r["id"]])
+    streamed = [json.loads(p) for p in parse_sse(generate(qwen25, {**body, "stream": True}))[:-1]]
+    assert [r for e in streamed for r in e.get("logprobs", [])] == records
+    assert "logprobs" not in generate(qwen25, {k: v for k, v in body.items() if k != "logprobs"})
+    with pytest.raises(InvalidInput, match="/logprobs"):
+        generate(qwen25, {**body, "logprobs": 21})
