@@ -200,6 +200,16 @@ def _trim(info: Any, n: int) -> Any:
     return replace(info, raw_top=info.raw_top[:n], final_top=info.final_top[:n])
 
 
+def _finish_batch(qwen: Qwen, batch: list[Prepared]) -> list[dict[str, Any]]:
+    outputs: list[list[int]] = [[] for _ in batch]
+    infos: list[list[Any]] = [[] for _ in batch]
+    for row, token, info in _run(qwen, batch):
+        outputs[row].append(token)
+        if info is not None:
+            infos[row].append(info)
+    return [shape_output(qwen, p, toks, inf) for p, toks, inf in zip(batch, outputs, infos)]
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
@@ -249,12 +259,45 @@ def _stream(qwen: Qwen, p: Prepared) -> Iterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]]) -> Any:
+SEED_MAX = 9999999999
+
+
+def sample_seed(seed: int, i: int) -> int:
+    """The seed of sample i of a request with `seed` (n > 1): seed, seed + 1, ... wrapping inside 1..SEED_MAX."""
+    return (seed - 1 + i) % SEED_MAX + 1
+
+
+def _samples(qwen: Qwen, inputs: Any, n: int) -> list[Prepared]:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
+        raise InvalidInput("/", "n", f"n: {n!r} is out of range; allowed: an integer from 1 to 1024")
+    first = prepare(qwen, inputs)
+    if first.inputs.get("stream") and n > 1:
+        raise InvalidInput("/stream", "n", "stream is not available with n > 1")
+    out = [first]
+    for i in range(1, n):
+        body = dict(first.inputs)
+        if "seed" in inputs:
+            body["seed"] = sample_seed(first.state.seed, i)
+        else:
+            body.pop("seed", None)  # a fresh seed per sample
+        p = prepare(qwen, body)
+        out.append(p)
+    return out
+
+
+def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]], *, n: int = 1) -> Any:
     """A Workers AI request body in, its result out (or an iterator of SSE bytes when stream is true).
 
     A list of request bodies runs as one batch and returns a list of results; each keeps its own
-    parameters and seed, and gets the same tokens it would get alone.
+    parameters and seed, and gets the same tokens it would get alone. With n > 1, one request is sampled n
+    times: the prompt is prefilled once and the samples decode as one batch; sample i uses seed + i (or a
+    fresh seed each without a seed) and equals the request run alone with that seed. Returns a list.
     """
+    if n != 1 or isinstance(n, bool):
+        if isinstance(inputs, list):
+            raise InvalidInput("/", "n", "n > 1 takes one request, not a batch")
+        inputs = _samples(qwen, inputs, n)
+        return _finish_batch(qwen, inputs)
     if isinstance(inputs, list):
         if not inputs:
             raise InvalidInput("/", "minItems", "a batch needs at least one request")
@@ -263,13 +306,7 @@ def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]]) -> Any:
             if p.inputs.get("stream"):
                 raise InvalidInput(f"/{i}/stream", "batch", "stream is not available in a batch; "
                                                             "send streamed requests one at a time")
-        outputs: list[list[int]] = [[] for _ in batch]
-        infos: list[list[Any]] = [[] for _ in batch]
-        for row, token, info in _run(qwen, batch):
-            outputs[row].append(token)
-            if info is not None:
-                infos[row].append(info)
-        return [shape_output(qwen, p, toks, inf) for p, toks, inf in zip(batch, outputs, infos)]
+        return _finish_batch(qwen, batch)
     p = prepare(qwen, inputs)
     if p.inputs.get("stream"):
         return _stream(qwen, p)

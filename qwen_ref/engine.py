@@ -54,14 +54,19 @@ def decode(
     if len(budgets) != len(prompts) or any(b < 0 for b in budgets):
         raise ValueError(f"decode: max_new_tokens {max_new_tokens!r} must be >= 0, one per prompt")
     device = model.lm_head.weight.device
-    ids, lengths = right_pad(prompts)
+    shared = len(prompts) > 1 and all(list(p) == list(prompts[0]) for p in prompts[1:])
+    # n samples of one prompt: prefill it once, then copy its keys/values into every row
+    ids, lengths = right_pad(prompts[:1] if shared else prompts)
     ids, lengths = ids.to(device), lengths.to(device)
-    cache = KVCache(model.config, len(prompts), int(ids.shape[1]) + max(budgets),
+    cache = KVCache(model.config, ids.shape[0], int(ids.shape[1]) + max(budgets),
                     dtype=model.lm_head.weight.dtype, device=device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     budget = torch.tensor(budgets, dtype=torch.long, device=device)
     active = budget > 0
-    logits = model(ids, cache=cache, num_new=lengths, last_only=True)[:, 0]  # [B, V]
+    logits = model(ids, cache=cache, num_new=lengths, last_only=True)[:, 0]  # [B, V] ([1, V] when shared)
+    if shared:
+        cache = cache.repeat(len(prompts))
+        logits = logits.expand(len(prompts), -1)
     step = 0
     while bool(active.any()):
         tokens = choose(logits, active, step)

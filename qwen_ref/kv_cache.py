@@ -60,6 +60,16 @@ class KVCache:
         """Mark num_new [B] (or one count for all rows) of the written positions as real."""
         self.lengths += num_new
 
+    def repeat(self, n: int) -> KVCache:
+        """A cache of n rows, each a copy of this one-row cache (a shared prompt, prefilled once)."""
+        assert self.batch_size == 1, "repeat() copies a single row"
+        out = object.__new__(KVCache)
+        out.k = [t.expand(n, -1, -1, -1).contiguous() for t in self.k]
+        out.v = [t.expand(n, -1, -1, -1).contiguous() for t in self.v]
+        out.lengths = self.lengths.expand(n).clone()
+        out.capacity = self.capacity
+        return out
+
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Forget rows (all rows when None); their stale keys are masked by position and overwritten."""
         if rows is None:

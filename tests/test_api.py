@@ -255,3 +255,47 @@ def test_logprobs_extension(qwen25):
     assert "logprobs" not in generate(qwen25, {k: v for k, v in body.items() if k != "logprobs"})
     with pytest.raises(InvalidInput, match="/logprobs"):
         generate(qwen25, {**body, "logprobs": 21})
+
+
+def test_n_samples_share_the_prefill_and_equal_each_sample_alone(qwen25):
+    from qwen_ref.api import sample_seed
+
+    body = {"prompt": "Tell me all about PEP-8", "max_tokens": 10, "seed": 9999999998, "temperature": 1.3,
+            "top_p": 0.95, "repetition_penalty": 1.2}
+    outs = generate(qwen25, body, n=4)
+    seeds = [sample_seed(body["seed"], i) for i in range(4)]
+    assert seeds == [9999999998, 9999999999, 1, 2]
+    assert outs == [generate(qwen25, {**body, "seed": s}) for s in seeds]
+    assert len({o["response"] for o in outs}) > 1
+    unseeded = generate(qwen25, {k: v for k, v in body.items() if k != "seed"}, n=3)
+    assert len(unseeded) == 3
+    with pytest.raises(InvalidInput, match="n: 0"):
+        generate(qwen25, body, n=0)
+    with pytest.raises(InvalidInput, match="n > 1"):
+        generate(qwen25, {**body, "stream": True}, n=2)
+
+
+def test_shared_prefix_cache_equals_separate_prefills(qwen25):
+    from qwen_ref.engine import decode
+
+    prompt = qwen25.tokenizer.encode("Hello there")
+    seen = []
+
+    def choose(logits, active, step):
+        seen.append(logits.clone())
+        return torch.tensor([5, 7, 9][: logits.shape[0]])
+
+    list(decode(qwen25.model, [prompt] * 3, 3, choose=choose))  # shared: prefilled once
+    shared = seen[:]
+    seen.clear()
+    for row in range(3):
+
+        def choose_one(logits, active, step, r=row):
+            seen.append(logits.clone())
+            return torch.tensor([[5, 7, 9][r]])
+
+        list(decode(qwen25.model, [prompt], 3, choose=choose_one))
+    alone = seen[:]
+    for step in range(3):
+        for row in range(3):
+            assert torch.allclose(shared[step][row], alone[row * 3 + step][0], atol=1e-4)
