@@ -13,11 +13,11 @@ from .loader import Qwen, load
 from .validate import InvalidInput
 
 
-def generate(qwen, inputs):
+def generate(qwen, inputs, *, n=1, exact=True):
     """A Workers AI text-generation request in, its result out (see qwen_ref.api.generate)."""
     from .api import generate as _generate
 
-    return _generate(qwen, inputs)
+    return _generate(qwen, inputs, n=n, exact=exact)
 
 
 __all__ = [

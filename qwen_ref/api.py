@@ -177,13 +177,13 @@ def shape_output(qwen: Qwen, p: Prepared, tokens: list[int], infos: list[Any] | 
     return out
 
 
-def _run(qwen: Qwen, batch: Sequence[Prepared]) -> Iterator[tuple[int, int, Any]]:
+def _run(qwen: Qwen, batch: Sequence[Prepared], exact: bool = True) -> Iterator[tuple[int, int, Any]]:
     """(row, token, logprobs info or None) for every token the batch produces, in decoding order."""
     wanted = [p.inputs.get("logprobs") for p in batch]
     n = max((w for w in wanted if w is not None), default=None)
     chooser = SamplingChooser([p.state for p in batch], [p.constraint for p in batch], logprobs=n)
     for step in decode(qwen.model, [p.prompt_ids for p in batch], [p.max_tokens for p in batch],
-                       choose=chooser, stop_ids=qwen.eos_token_ids):
+                       choose=chooser, stop_ids=qwen.eos_token_ids, batch_invariant=exact):
         infos = chooser.last_logprobs
         for row, token in enumerate(step.tokens):
             if token is not None:
@@ -200,10 +200,10 @@ def _trim(info: Any, n: int) -> Any:
     return replace(info, raw_top=info.raw_top[:n], final_top=info.final_top[:n])
 
 
-def _finish_batch(qwen: Qwen, batch: list[Prepared]) -> list[dict[str, Any]]:
+def _finish_batch(qwen: Qwen, batch: list[Prepared], exact: bool) -> list[dict[str, Any]]:
     outputs: list[list[int]] = [[] for _ in batch]
     infos: list[list[Any]] = [[] for _ in batch]
-    for row, token, info in _run(qwen, batch):
+    for row, token, info in _run(qwen, batch, exact):
         outputs[row].append(token)
         if info is not None:
             infos[row].append(info)
@@ -285,19 +285,21 @@ def _samples(qwen: Qwen, inputs: Any, n: int) -> list[Prepared]:
     return out
 
 
-def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]], *, n: int = 1) -> Any:
+def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]], *, n: int = 1, exact: bool = True) -> Any:
     """A Workers AI request body in, its result out (or an iterator of SSE bytes when stream is true).
 
-    A list of request bodies runs as one batch and returns a list of results; each keeps its own
-    parameters and seed, and gets the same tokens it would get alone. With n > 1, one request is sampled n
-    times: the prompt is prefilled once and the samples decode as one batch; sample i uses seed + i (or a
-    fresh seed each without a seed) and equals the request run alone with that seed. Returns a list.
+    A list of request bodies runs as one batch and returns a list of results, each with its own parameters
+    and seed. With n > 1, one request is sampled n times: the prompt is prefilled once; sample i uses
+    seed + i (or a fresh seed each without a seed). Returns a list.
+
+    exact=True (the default): every row runs the arithmetic it runs alone, so each result equals the request
+    run alone, bit for bit. exact=False decodes the rows in one batched forward: faster, but a batched
+    matmul may round differently from a one-row matmul, so a seeded draw at a near-tie can differ.
     """
     if n != 1 or isinstance(n, bool):
         if isinstance(inputs, list):
             raise InvalidInput("/", "n", "n > 1 takes one request, not a batch")
-        inputs = _samples(qwen, inputs, n)
-        return _finish_batch(qwen, inputs)
+        return _finish_batch(qwen, _samples(qwen, inputs, n), exact)
     if isinstance(inputs, list):
         if not inputs:
             raise InvalidInput("/", "minItems", "a batch needs at least one request")
@@ -306,7 +308,7 @@ def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]], *, n: in
             if p.inputs.get("stream"):
                 raise InvalidInput(f"/{i}/stream", "batch", "stream is not available in a batch; "
                                                             "send streamed requests one at a time")
-        return _finish_batch(qwen, batch)
+        return _finish_batch(qwen, batch, exact)
     p = prepare(qwen, inputs)
     if p.inputs.get("stream"):
         return _stream(qwen, p)

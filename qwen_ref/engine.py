@@ -46,27 +46,28 @@ def decode(
     *,
     choose: Chooser = greedy,
     stop_ids: Sequence[int] = (),
+    batch_invariant: bool = False,
 ) -> Iterator[Step]:
-    """Yields one Step per decoding step until every row has stopped."""
+    """Yields one Step per decoding step until every row has stopped.
+
+    Rows never read each other's keys, but a matmul over B rows may round differently from the same matmul
+    over one row (BLAS picks its kernel by shape), so batched logits can differ from a row's logits alone in
+    the last bits. With batch_invariant=True each row runs its own forward with its own cache, exactly the
+    arithmetic it gets alone, so a seeded request draws the same tokens in any batch.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("decode: every prompt needs at least one token")
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts) or any(b < 0 for b in budgets):
         raise ValueError(f"decode: max_new_tokens {max_new_tokens!r} must be >= 0, one per prompt")
     device = model.lm_head.weight.device
-    shared = len(prompts) > 1 and all(list(p) == list(prompts[0]) for p in prompts[1:])
-    # n samples of one prompt: prefill it once, then copy its keys/values into every row
-    ids, lengths = right_pad(prompts[:1] if shared else prompts)
-    ids, lengths = ids.to(device), lengths.to(device)
-    cache = KVCache(model.config, ids.shape[0], int(ids.shape[1]) + max(budgets),
-                    dtype=model.lm_head.weight.dtype, device=device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     budget = torch.tensor(budgets, dtype=torch.long, device=device)
     active = budget > 0
-    logits = model(ids, cache=cache, num_new=lengths, last_only=True)[:, 0]  # [B, V] ([1, V] when shared)
-    if shared:
-        cache = cache.repeat(len(prompts))
-        logits = logits.expand(len(prompts), -1)
+    if batch_invariant and len(prompts) > 1:
+        forward, logits = _rowwise(model, prompts, max(budgets), device)
+    else:
+        forward, logits = _batched(model, prompts, max(budgets), device)
     step = 0
     while bool(active.any()):
         tokens = choose(logits, active, step)
@@ -78,8 +79,52 @@ def decode(
         step += 1
         if not bool(active.any()):
             break
+        logits = forward(tokens, active, logits)
+
+
+def _prefill(model: QwenForCausalLM, prompts: Sequence[Sequence[int]], budget: int, device):
+    ids, lengths = right_pad(prompts)
+    ids, lengths = ids.to(device), lengths.to(device)
+    cache = KVCache(model.config, ids.shape[0], int(ids.shape[1]) + budget, dtype=model.lm_head.weight.dtype,
+                    device=device)
+    return cache, model(ids, cache=cache, num_new=lengths, last_only=True)[:, 0]  # [B, V]
+
+
+def _is_shared(prompts: Sequence[Sequence[int]]) -> bool:
+    return len(prompts) > 1 and all(list(p) == list(prompts[0]) for p in prompts[1:])
+
+
+def _batched(model, prompts, budget, device):
+    """One forward for the whole batch per step."""
+    if _is_shared(prompts):  # n samples of one prompt: prefill it once, copy its keys/values into every row
+        cache, logits = _prefill(model, prompts[:1], budget, device)
+        cache, logits = cache.repeat(len(prompts)), logits.expand(len(prompts), -1)
+    else:
+        cache, logits = _prefill(model, prompts, budget, device)
+
+    def forward(tokens, active, _previous):
         # stopped rows still ride along in the batch but do not advance their cache
-        logits = model(tokens[:, None], cache=cache, num_new=active.long())[:, 0]
+        return model(tokens[:, None], cache=cache, num_new=active.long())[:, 0]
+
+    return forward, logits
+
+
+def _rowwise(model, prompts, budget, device):
+    """One forward per active row per step, each with its own one-row cache: the arithmetic of the row alone."""
+    if _is_shared(prompts):
+        first, logits = _prefill(model, prompts[:1], budget, device)
+        caches = [first] + [first.repeat(1) for _ in prompts[1:]]
+        logits = logits.expand(len(prompts), -1)
+    else:
+        caches, rows = zip(*(_prefill(model, [p], budget, device) for p in prompts))
+        logits = torch.cat(rows)
+
+    def forward(tokens, active, previous):
+        rows = [model(tokens[b : b + 1, None], cache=caches[b])[:, 0] if on else previous[b : b + 1]
+                for b, on in enumerate(active.tolist())]  # a stopped row keeps its old (unused) logits
+        return torch.cat(rows)
+
+    return forward, logits
 
 
 def generate_ids(
@@ -89,9 +134,11 @@ def generate_ids(
     *,
     choose: Chooser = greedy,
     stop_ids: Sequence[int] = (),
+    batch_invariant: bool = False,
 ) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in prompts]
-    for step in decode(model, prompts, max_new_tokens, choose=choose, stop_ids=stop_ids):
+    for step in decode(model, prompts, max_new_tokens, choose=choose, stop_ids=stop_ids,
+                       batch_invariant=batch_invariant):
         for row, t in enumerate(step.tokens):
             if t is not None:
                 out[row].append(t)

@@ -64,8 +64,8 @@ class KVCache:
         """A cache of n rows, each a copy of this one-row cache (a shared prompt, prefilled once)."""
         assert self.batch_size == 1, "repeat() copies a single row"
         out = object.__new__(KVCache)
-        out.k = [t.expand(n, -1, -1, -1).contiguous() for t in self.k]
-        out.v = [t.expand(n, -1, -1, -1).contiguous() for t in self.v]
+        out.k = [t.repeat(n, 1, 1, 1) for t in self.k]  # always a copy, also for n = 1
+        out.v = [t.repeat(n, 1, 1, 1) for t in self.v]
         out.lengths = self.lengths.expand(n).clone()
         out.capacity = self.capacity
         return out
