@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--plot", metavar="PNG", help="write a plot of the distribution across stages "
                                                    "(needs matplotlib: pip install qwen-ref[plot])")
     ins.set_defaults(func=_inspect)
+
+    from .server import add_serve_arguments, run_server
+
+    serve = sub.add_parser("serve", help="serve models over HTTP: the Workers AI REST API and OpenAI chat "
+                                         "completions (needs pip install 'qwen-ref[serve]')")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_server)
     return parser
 
 
