@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from qwen_ref.cache import cache_root
 from qwen_ref.engine import generate_ids
 from qwen_ref.loader import load
-from qwen_ref.tiny import cache_root, make_tiny_checkpoint
+from qwen_ref.tiny import make_tiny_checkpoint
 
 PRESETS = ("qwen2.5-0.5b-shape", "qwen1.5-0.5b-shape")
 

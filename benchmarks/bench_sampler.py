@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model = None
     if args.against_decode:
+        from qwen_ref.cache import cache_root
         from qwen_ref.loader import load
-        from qwen_ref.tiny import cache_root, make_tiny_checkpoint
+        from qwen_ref.tiny import make_tiny_checkpoint
 
         path = cache_root() / "bench" / "qwen2.5-0.5b-shape"
         if not (path / "config.json").is_file():

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .cache import build_once, cache_root
 from .config import QwenConfig, RopeConfig
 from .errors import QwenRefError
 
@@ -153,24 +152,7 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("QWEN_REF_CACHE") or Path.home() / ".cache" / "qwen_ref")
-
-
 def cached_tiny_checkpoint(preset: str = DEFAULT_PRESET) -> Path:
     """The embedded default model: built on first use into the cache, atomically (safe against races)."""
     target = cache_root() / "checkpoints" / f"tiny-{preset}-v{FORMAT_VERSION}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        make_tiny_checkpoint(preset, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race is fine; anything else is not
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, lambda tmp: make_tiny_checkpoint(preset, tmp), "config.json")

@@ -13,8 +13,6 @@ import itertools
 import json
 import operator
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from qwen_ref.cache import build_once, cache_root
 from qwen_ref.errors import TokenizerError
 
 FLAVORS = ("qwen1.5", "qwen2.5")
@@ -216,22 +215,8 @@ def default_tokenizer_dir(flavor: str = "qwen2.5") -> Path:
     /tokenizers/<flavor>-v<build version>/. Each build goes to a temporary directory that is then renamed
     into place, so concurrent callers never see a partial directory."""
     _check_flavor(flavor)
-    root = Path(os.environ.get("QWEN_REF_CACHE") or Path.home() / ".cache" / "qwen_ref")
-    target = root / "tokenizers" / f"{flavor}-v{_BUILD_VERSION}"
-    if (target / "tokenizer.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build_tokenizer_files(tmp, flavor)
-        try:
-            os.rename(tmp, target)
-        except OSError as e:
-            if not (target / "tokenizer.json").is_file():  # else another process finished first
-                raise TokenizerError(f"{target}: cannot install the built tokenizer there ({e})") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    target = cache_root() / "tokenizers" / f"{flavor}-v{_BUILD_VERSION}"
+    return build_once(target, lambda tmp: build_tokenizer_files(tmp, flavor), "tokenizer.json")
 
 
 class QwenTokenizer:
