@@ -47,6 +47,7 @@ class Prepared:
     max_tokens: int
     constraint: Any = None  # qwen_ref.constrain.JsonConstraint in JSON mode
     tool_names: set[str] = field(default_factory=set)
+    adapter: Any = None  # the qwen_ref.lora.LoraAdapter the request names; None: the model's default
 
     @property
     def response_format(self) -> dict[str, Any] | None:
@@ -95,12 +96,7 @@ def prepare(qwen: Qwen, inputs: Any, where: str = "") -> Prepared:
         body = with_defaults(validate_input(inputs))
     except InvalidInput as e:
         raise _bad(where, e.path, e.rule, e.detail) from None
-    if body.get("lora") is not None:
-        model_id = qwen.known.workers_ai_id if qwen.known else str(qwen.path)
-        if qwen.known is not None and not qwen.known.takes_lora:
-            raise LoraUnavailable(f"The model {model_id} does not support LoRa inference")
-        raise LoraUnavailable(f"lora: {body['lora']!r}: LoRA adapters are not available for {model_id} "
-                              "(load the model with a LoRA directory)")
+    adapter = _adapter(qwen, body.get("lora"), where)
     if qwen.tokenizer is None:
         raise _bad(where, "/", "tokenizer", f"the checkpoint {qwen.path} has no tokenizer files")
     text, names = prompt_text(qwen, body, where)
@@ -130,7 +126,41 @@ def prepare(qwen: Qwen, inputs: Any, where: str = "") -> Prepared:
         except InvalidJsonSchema as e:
             raise _bad(where, "/response_format" + e.path.removeprefix("/response_format"), "json_schema",
                        e.detail) from None
-    return Prepared(body, prompt_ids, RequestState.start(params, prompt_ids), max_tokens, constraint, names)
+    return Prepared(body, prompt_ids, RequestState.start(params, prompt_ids), max_tokens, constraint, names,
+                    adapter)
+
+
+def _adapter(qwen: Qwen, name: str | None, where: str) -> Any:
+    if name is None:
+        return None
+    model_id = qwen.known.workers_ai_id if qwen.known else str(qwen.path)
+    if qwen.known is not None and not qwen.known.takes_lora:
+        raise LoraUnavailable(f"The model {model_id} does not support LoRa inference")
+    if qwen.adapters is None:
+        raise LoraUnavailable(f"lora: {name!r}: no LoRA adapters are registered for {model_id} "
+                              "(load it with lora_dir=DIR, or serve it with --lora-dir DIR)")
+    from .lora import LoraError
+
+    try:
+        return qwen.adapters.get(name)
+    except LoraError as e:
+        raise _bad(where, "/lora", "lora", str(e).removeprefix("lora: ")) from None
+
+
+def batch_adapter(batch: Sequence[Prepared]) -> Any:
+    """The one adapter a batch names (None: the default); a batch runs with one set of merged weights."""
+    wanted = {id(p.adapter): p.adapter for p in batch}
+    if len(wanted) > 1:
+        raise InvalidInput("/", "lora", "the requests of one batch name different LoRA adapters; "
+                                        "send requests for different adapters in separate calls")
+    return next(iter(wanted.values()))
+
+
+def activate_adapter(qwen: Qwen, batch: Sequence[Prepared]) -> None:
+    """Merge the adapter the batch needs (the one its requests name, else the load-time default)."""
+    adapter = batch_adapter(batch)
+    if qwen.adapters is not None:  # else only the load-time adapter (if any) exists, and it stays merged
+        qwen.adapters.activate(qwen.model, adapter if adapter is not None else qwen.default_adapter)
 
 
 @dataclass
@@ -179,6 +209,7 @@ def shape_output(qwen: Qwen, p: Prepared, tokens: list[int], infos: list[Any] | 
 
 def _run(qwen: Qwen, batch: Sequence[Prepared], exact: bool = True) -> Iterator[tuple[int, int, Any]]:
     """(row, token, logprobs info or None) for every token the batch produces, in decoding order."""
+    activate_adapter(qwen, batch)
     wanted = [p.inputs.get("logprobs") for p in batch]
     n = max((w for w in wanted if w is not None), default=None)
     chooser = SamplingChooser([p.state for p in batch], [p.constraint for p in batch], logprobs=n)
@@ -304,6 +335,7 @@ def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]], *, n: in
         if not inputs:
             raise InvalidInput("/", "minItems", "a batch needs at least one request")
         batch = [prepare(qwen, body, where=f"/{i}") for i, body in enumerate(inputs)]
+        batch_adapter(batch)  # before any work
         for i, p in enumerate(batch):
             if p.inputs.get("stream"):
                 raise InvalidInput(f"/{i}/stream", "batch", "stream is not available in a batch; "

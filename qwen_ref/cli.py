@@ -39,6 +39,8 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
                    help="compute dtype (default: the checkpoint's torch_dtype)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--lora", default=None, help="a LoRA adapter directory (or a name in --lora-dir) to merge")
+    p.add_argument("--lora-dir", default=None, help="a directory of named LoRA adapters for the request's lora")
 
 
 def _add_request_args(p: argparse.ArgumentParser) -> None:
@@ -87,7 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     from .loader import load
 
     body = build_request(args)
-    qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True)
+    qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True, lora=args.lora,
+                lora_dir=args.lora_dir)
     out = generate(qwen, body)
     if not body.get("stream"):
         print(json.dumps(out, ensure_ascii=False, indent=2))
@@ -112,10 +115,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
     body = build_request(args)
     body.pop("stream", None)
-    qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True)
+    qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True, lora=args.lora,
+                lora_dir=args.lora_dir)
     for table in inspect_steps(qwen, body, steps=args.steps, top=args.top, plot=args.plot):
         print(table)
         print()
+    return 0
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    from .lora import write_merged_checkpoint
+
+    print(write_merged_checkpoint(args.source, args.adapter, args.out))
     return 0
 
 
@@ -137,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--plot", metavar="PNG", help="write a plot of the distribution across stages "
                                                    "(needs matplotlib: pip install qwen-ref[plot])")
     ins.set_defaults(func=_inspect)
+
+    merge = sub.add_parser("merge-lora", help="write a checkpoint with a PEFT LoRA adapter merged in")
+    merge.add_argument("source", help="the base model, as qwen_ref.load takes it")
+    merge.add_argument("adapter", help="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument("--out", required=True, help="the directory to write (HF layout, safetensors)")
+    merge.set_defaults(func=_merge_lora)
 
     from .server import add_serve_arguments, run_server
 

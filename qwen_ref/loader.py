@@ -40,6 +40,8 @@ class Qwen:
     path: Path
     generation_config: dict[str, Any] = field(default_factory=dict)
     known: models.KnownModel | None = None
+    adapters: Any = None  # qwen_ref.lora.AdapterRegistry: named adapters a request's `lora` selects
+    default_adapter: Any = None  # qwen_ref.lora.LoraAdapter merged at load time, active when a request names none
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +131,11 @@ def load(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
+    lora: str | os.PathLike[str] | None = None,
+    lora_dir: str | os.PathLike[str] | None = None,
 ) -> Qwen:
+    """lora: an adapter directory (or a name in lora_dir) merged into the weights; lora_dir: a directory of
+    named adapters that a request's `lora` field selects (see docs/lora.md)."""
     from .tokenizer import load_tokenizer
 
     path, known = resolve_source(source)
@@ -147,4 +153,12 @@ def load(
         )
     gen_path = path / "generation_config.json"
     generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
-    return Qwen(model, tokenizer, config, path, generation, known)
+    registry = default = None
+    if lora_dir is not None or lora is not None:
+        from .lora import AdapterRegistry, merge, resolve_adapter
+
+        registry = AdapterRegistry(lora_dir) if lora_dir is not None else None
+        if lora is not None:
+            default = resolve_adapter(os.fspath(lora), registry)
+            merge(model, default)
+    return Qwen(model, tokenizer, config, path, generation, known, registry, default)
