@@ -125,6 +125,26 @@ def _download(repo_id: str) -> Path:
     return path
 
 
+def _use_triton(kernels: str, device: torch.device) -> bool:
+    """kernels: "torch" (the default), "triton", or "auto" (triton on CUDA when it is installed)."""
+    if kernels not in ("torch", "triton", "auto"):
+        raise CheckpointError(f"kernels: {kernels!r} is not supported; allowed: 'torch', 'triton', 'auto'")
+    if kernels == "torch":
+        return False
+    try:
+        import qwen_ref_kernels  # noqa: F401  (imports triton)
+    except ImportError as e:
+        if kernels == "auto":
+            return False
+        raise CheckpointError(f"kernels='triton' needs triton: pip install 'qwen-ref[kernels]' ({e})") from None
+    if kernels == "auto":
+        return device.type == "cuda"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CheckpointError(f"kernels='triton' on {device} needs a CUDA device, or TRITON_INTERPRET=1 set "
+                              "before the first import of qwen_ref_kernels (the Triton interpreter, for tests)")
+    return True
+
+
 def load(
     source: str | os.PathLike[str],
     *,
@@ -133,6 +153,7 @@ def load(
     progress: bool = False,
     lora: str | os.PathLike[str] | None = None,
     lora_dir: str | os.PathLike[str] | None = None,
+    kernels: str = "torch",
 ) -> Qwen:
     """lora: an adapter directory (or a name in lora_dir) merged into the weights; lora_dir: a directory of
     named adapters that a request's `lora` field selects (see docs/lora.md)."""
@@ -145,7 +166,9 @@ def load(
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"device: {device!r} is not a valid torch device ({e})") from None
+    use_triton = _use_triton(kernels, device)
     model = load_weights(path, config, dtype=torch_dtype, device=device, progress=progress)
+    model.use_kernels(use_triton)
     tokenizer = load_tokenizer(path)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(

@@ -20,8 +20,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.triton = False  # set by use_kernels(): the Triton kernel instead of the PyTorch lines below
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton and x.dtype != torch.float64:
+            from qwen_ref_kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         # numerics: normalise in float32, cast back to the input dtype, then multiply by the weight (HF order)
         h = x.float() if x.dtype != torch.float64 else x
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -60,6 +65,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=True)
         self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
+        self.triton = False  # set by use_kernels(): Triton flash attention / flash decoding
 
     def forward(
         self,
@@ -82,6 +88,9 @@ class Attention(nn.Module):
             num_keys = cache.write(self.layer_idx, positions, k, v)
             k = cache.k[self.layer_idx][:, :, :num_keys]  # [B, KV, S, D]
             v = cache.v[self.layer_idx][:, :, :num_keys]
+        if self.triton and self.sliding_window is None and q.dtype != torch.float64:
+            out = self._triton(q, k, v, positions, cache is not None)  # [B, H, T, D]
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D]
         S = k.shape[2]
         if self.sliding_window not in masks:  # one mask per window size, shared by the layers of a forward
             masks[self.sliding_window] = attention_mask(positions, S, self.sliding_window)
@@ -100,6 +109,17 @@ class Attention(nn.Module):
         out = torch.matmul(probs.view(B, self.num_kv_heads, G * T, S), v)  # [B, KV, G*T, D]
         out = out.view(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
         return self.o_proj(out)
+
+
+    def _triton(self, q, k, v, positions, cached: bool) -> torch.Tensor:
+        from qwen_ref_kernels import attention, decode_attention
+
+        if not cached:
+            return attention(q, k, v, causal=True)
+        if q.shape[2] == 1:  # decode: each row reads its own number of cached keys
+            return decode_attention(q, k, v, positions[:, 0] + 1)
+        # prefill after a cached prefix: row b's queries are the last T of its positions[:, -1] + 1 keys
+        return attention(q, k, v, causal=True, kv_lens=positions[:, -1] + 1)
 
 
 class MLP(nn.Module):
@@ -152,6 +172,13 @@ class QwenForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def use_kernels(self, triton: bool) -> None:
+        """Route RMSNorm and attention through the Triton kernels (qwen_ref_kernels) or the PyTorch code.
+        float64 and sliding-window layers always take the PyTorch code."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm | Attention):
+                m.triton = triton
 
     def forward(
         self,
