@@ -155,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="the directory to write (HF layout, safetensors)")
     merge.set_defaults(func=_merge_lora)
 
+    from .oracle import add_compare_arguments, add_score_arguments, run_compare, run_score
+
+    score = sub.add_parser("score", help="teacher-force token sequences: reference logprobs per position (JSONL)")
+    add_score_arguments(score)
+    score.set_defaults(func=run_score)
+    compare = sub.add_parser("compare", help="check another backend's generations and logprobs against the "
+                                             "reference; exit 1 when a position is flagged")
+    add_compare_arguments(compare)
+    compare.set_defaults(func=run_compare)
+
     from .server import add_serve_arguments, run_server
 
     serve = sub.add_parser("serve", help="serve models over HTTP: the Workers AI REST API and OpenAI chat "
