@@ -530,9 +530,13 @@ def error_from(e: QwenRefError) -> ApiError:
 
 def prepare_request(qwen: Qwen, body: Any) -> Prepared:
     try:
-        return prepare(qwen, body)
+        prepared = prepare(qwen, body)
     except QwenRefError as e:
         raise error_from(e) from None
+    if prepared.inputs.get("logprobs") is not None:  # the engine's batched lanes do not collect them yet
+        raise error_from(InvalidInput("/logprobs", "server", "the logprobs extension is available through "
+                                      "qwen_ref.generate() and the CLI, not through the server yet"))
+    return prepared
 
 
 def lookup(served: Mapping[str, Served], name: Any) -> Served:

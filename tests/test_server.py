@@ -423,6 +423,7 @@ BAD_REQUESTS = [
     ("bare-bearer", "POST", RUN, {"Authorization": "Bearer"}, _body(GOOD), 401, 10000),
     ("token-prefix", "POST", RUN, {"Authorization": f"Bearer {TOKEN[:-1]}"}, _body(GOOD), 401, 10000),
     ("unknown-model", "POST", "/client/v4/accounts/a/ai/run/@cf/qwen/nope", AUTH, _body(GOOD), 400, 5007),
+    ("logprobs-extension", "POST", RUN, AUTH, _body({**GOOD, "logprobs": 2}), 400, 5006),
     ("unknown-model-short-route", "POST", "/ai/run/@cf/meta/llama", AUTH, _body(GOOD), 400, 5007),
     ("truncated-json", "POST", RUN, AUTH, b'{"prompt": ', 400, 5006),
     ("empty-body", "POST", RUN, AUTH, b"", 400, 5006),
