@@ -110,6 +110,44 @@ def bench_hf(model, prompts, new_tokens: int, repeats: int) -> tuple[float, floa
     return timed(lambda: run(1), repeats), timed(lambda: run(new_tokens), repeats)
 
 
+def decode_step_ms(model, batch: int, context: int, repeats: int = 5, warmup: int = 2) -> float:
+    """Median ms of one decode step (one token per row) against a cache holding `context` positions per row,
+    filled with random keys/values: the cost depends on the sizes, not the values."""
+    from qwen_ref.kv_cache import KVCache
+
+    cache = KVCache(model.config, batch, context + warmup + repeats + 1, dtype=model.lm_head.weight.dtype,
+                    device=model.lm_head.weight.device)
+    for layer in range(model.config.num_hidden_layers):
+        cache.k[layer].normal_()
+        cache.v[layer].normal_()
+    cache.lengths.fill_(context)
+    tokens = torch.randint(0, 151643, (batch, 1), device=cache.lengths.device)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t = time.perf_counter()
+            model(tokens, cache=cache)
+            if i >= warmup:
+                times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def context_sweep(model, dtype: torch.dtype, contexts: list[int], batch: int) -> list[dict]:
+    """Decode-step cost at growing cached lengths against what the extra KV bytes predict."""
+    base = contexts[0]
+    base_ms = decode_step_ms(model, batch, base)
+    base_bytes = weight_bytes_per_token(model) + batch * kv_bytes_per_token(model, base, dtype)
+    rows = []
+    for ctx in contexts:
+        ms = base_ms if ctx == base else decode_step_ms(model, batch, ctx)
+        step_bytes = weight_bytes_per_token(model) + batch * kv_bytes_per_token(model, ctx, dtype)
+        rows.append({"bench": "context", "context": ctx, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+                     "step_ms": round(ms, 2), "step_bytes": step_bytes,
+                     "time_ratio_vs_base": round(ms / base_ms, 3),
+                     "bytes_ratio_vs_base": round(step_bytes / base_bytes, 3)})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", nargs="+", default=list(PRESETS), choices=PRESETS)
@@ -120,6 +158,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true", help="time only qwen_ref")
+    ap.add_argument("--context-sweep", type=int, nargs="*", default=None, metavar="N",
+                    help="also time one decode step at these cached lengths (e.g. 128 2048 8192) and compare the "
+                         "cost growth with the growth of the bytes a step reads")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,6 +199,9 @@ def main() -> int:
                 roofline = bandwidth / step_bytes  # decode steps per second at full bandwidth
                 row["roofline_tok_s"] = round(args.batch * roofline, 2)
                 row["roofline_fraction"] = round(row["decode_tok_s"] / (args.batch * roofline), 3)
+            if args.context_sweep:
+                for r in context_sweep(model, dtype, sorted(args.context_sweep), args.batch):
+                    print(json.dumps({"preset": preset, **r}), flush=True)
             del qwen, model
             if not args.skip_hf:
                 from transformers import AutoModelForCausalLM
