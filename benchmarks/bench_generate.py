@@ -110,8 +110,8 @@ def bench_hf(model, prompts, new_tokens: int, repeats: int) -> tuple[float, floa
     return timed(lambda: run(1), repeats), timed(lambda: run(new_tokens), repeats)
 
 
-def decode_step_ms(model, batch: int, context: int, repeats: int = 5, warmup: int = 2) -> float:
-    """Median ms of one decode step (one token per row) against a cache holding `context` positions per row,
+def decode_step_times(model, batch: int, context: int, repeats: int = 5, warmup: int = 2) -> list[float]:
+    """ms of each timed decode step (one token per row) against a cache holding `context` positions per row,
     filled with random keys/values: the cost depends on the sizes, not the values."""
     from qwen_ref.kv_cache import KVCache
 
@@ -129,17 +129,17 @@ def decode_step_ms(model, batch: int, context: int, repeats: int = 5, warmup: in
             model(tokens, cache=cache)
             if i >= warmup:
                 times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def context_sweep(model, dtype: torch.dtype, contexts: list[int], batch: int) -> list[dict]:
     """Decode-step cost at growing cached lengths against what the extra KV bytes predict."""
     base = contexts[0]
-    base_ms = decode_step_ms(model, batch, base)
+    base_ms = statistics.median(decode_step_times(model, batch, base))
     base_bytes = weight_bytes_per_token(model) + batch * kv_bytes_per_token(model, base, dtype)
     rows = []
     for ctx in contexts:
-        ms = base_ms if ctx == base else decode_step_ms(model, batch, ctx)
+        ms = base_ms if ctx == base else statistics.median(decode_step_times(model, batch, ctx))
         step_bytes = weight_bytes_per_token(model) + batch * kv_bytes_per_token(model, ctx, dtype)
         rows.append({"bench": "context", "context": ctx, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
                      "step_ms": round(ms, 2), "step_bytes": step_bytes,

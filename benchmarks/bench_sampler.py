@@ -68,29 +68,6 @@ def measure(batch: int, vocab: int, *, case: str = "all", repeats: int = 30, war
     }
 
 
-def measure_decode_step(model: torch.nn.Module, batch: int, *, context: int = 576, repeats: int = 10,
-                        warmup: int = 2) -> dict:
-    """Median (ms) of one model forward of one token per row against a cache holding `context` positions
-    per row (filled with random keys/values: the cost depends on the sizes, not the values)."""
-    from qwen_ref.kv_cache import KVCache
-
-    dtype = model.lm_head.weight.dtype
-    cache = KVCache(model.config, batch, context + warmup + repeats + 1, dtype=dtype)
-    for layer in range(model.config.num_hidden_layers):
-        cache.k[layer].normal_()
-        cache.v[layer].normal_()
-    cache.lengths.fill_(context)
-    tokens = torch.randint(0, 151643, (batch, 1))
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            model(tokens, cache=cache)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    return {"decode_median_ms": round(statistics.median(times), 3), "decode_min_ms": round(min(times), 3)}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
@@ -106,19 +83,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model = None
     if args.against_decode:
-        from qwen_ref.cache import cache_root
-        from qwen_ref.loader import load
-        from qwen_ref.tiny import make_tiny_checkpoint
+        from bench_generate import checkpoint  # this folder is on sys.path when run as a script
 
-        path = cache_root() / "bench" / "qwen2.5-0.5b-shape"
-        if not (path / "config.json").is_file():
-            make_tiny_checkpoint("qwen2.5-0.5b-shape", path, dtype="bfloat16", with_tokenizer=False)
-        model = load(path, dtype=args.model_dtype).model
+        from qwen_ref.loader import load
+
+        model = load(checkpoint("qwen2.5-0.5b-shape"), dtype=args.model_dtype).model
     for batch in args.batch:
         result = measure(batch, args.vocab, case=args.case, repeats=args.repeats, logprobs=args.logprobs,
                          dtype=getattr(torch, args.dtype), device=args.device)
         if model is not None:
-            result.update(measure_decode_step(model, batch), model_dtype=args.model_dtype)
+            from bench_generate import decode_step_times
+
+            times = decode_step_times(model, batch, context=576, repeats=10)
+            result.update(decode_median_ms=round(statistics.median(times), 3), decode_min_ms=round(min(times), 3),
+                          model_dtype=args.model_dtype)
             result["sampler_fraction_of_decode"] = round(result["median_ms"] / result["decode_median_ms"], 4)
         print(json.dumps(result), flush=True)
 
