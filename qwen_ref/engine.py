@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .constrain import batch_allowed
 from .kv_cache import KVCache
 from .model import QwenForCausalLM
+from .sampling import sample
 
 # choose(logits [B, V] float, active [B] bool, step) -> tokens [B] long
 Chooser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -156,12 +158,8 @@ class SamplingChooser:
         self.last_logprobs: list | None = None
 
     def __call__(self, logits: torch.Tensor, active: torch.Tensor, step: int) -> torch.Tensor:
-        from .sampling import sample
-
         allowed = None
         if any(c is not None for c in self.constraints):
-            from .constrain import batch_allowed
-
             allowed = batch_allowed(self.constraints, logits.shape[-1])
             allowed[~active.cpu()] = True  # a stopped row draws a throwaway token; never an all-masked row
             allowed = allowed.to(logits.device)
