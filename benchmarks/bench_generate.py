@@ -3,9 +3,11 @@
 Makes (or reuses) random-weight checkpoints with the exact shapes of Qwen2.5-0.5B-Instruct and
 Qwen1.5-0.5B-Chat, measures the machine's memory read bandwidth, then for each case times transformers'
 generate and ours on the same prompt tokens after a warm-up. Decode tok/s excludes the prefill: it is
-(N - 1) / (time(N new tokens) - time(1 new token)). One JSON line per case, then a table.
+(N - 1) / (time(N new tokens) - time(1 new token)). Ours runs once per --decode-linear choice: "torch" (BLAS,
+bit-equal to transformers) and "invariant" (the batch-invariant CPU kernel). One JSON line per case, then a table.
 
     python benchmarks/bench_generate.py [--preset P ...] [--dtype D ...] [--prompt-len 128] [--new-tokens 64]
+                                        [--decode-linear torch invariant]
 """
 
 from __future__ import annotations
@@ -148,6 +150,44 @@ def context_sweep(model, dtype: torch.dtype, contexts: list[int], batch: int) ->
     return rows
 
 
+def bench_case(args, preset, path, dtype, device, decode_linear, prompts, bandwidth) -> dict:
+    reset_peak()
+    before = memory("VmRSS")
+    qwen = load(path, dtype=dtype, device=device, decode_linear=decode_linear)
+    load_peak = memory("VmHWM") - before
+    model = qwen.model
+    wbytes = weight_bytes_per_token(model)
+    t1, tn = bench_ours(model, prompts, args.new_tokens, args.repeats)
+    row = {
+        "bench": "generate", "preset": preset, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+        "decode_linear": decode_linear, "batch": args.batch, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "threads": args.threads,
+        "prefill_tok_s": round(args.batch * args.prompt_len / t1, 1),
+        "decode_tok_s": round(args.batch * (args.new_tokens - 1) / (tn - t1), 2),
+        "weight_bytes": wbytes, "load_peak_rss_bytes": load_peak,
+        "load_peak_over_weights": round(load_peak / sum(p.numel() * p.element_size() for p in model.parameters()), 3),
+    }
+    context = args.prompt_len + args.new_tokens // 2
+    step_bytes = wbytes + args.batch * kv_bytes_per_token(model, context, dtype)
+    row["bytes_per_step"] = step_bytes
+    if bandwidth is not None:
+        row["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
+        roofline = bandwidth / step_bytes  # decode steps per second at full bandwidth
+        row["roofline_tok_s"] = round(args.batch * roofline, 2)
+        row["roofline_fraction"] = round(row["decode_tok_s"] / (args.batch * roofline), 3)
+    if args.context_sweep:
+        for r in context_sweep(model, dtype, sorted(args.context_sweep), args.batch):
+            print(json.dumps({"preset": preset, "decode_linear": decode_linear, **r}), flush=True)
+    return row
+
+
+def bench_hf_case(path, dtype, device, prompts, args) -> tuple[float, float]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return bench_hf(hf, prompts, args.new_tokens, args.repeats)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", nargs="+", default=list(PRESETS), choices=PRESETS)
@@ -158,6 +198,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true", help="time only qwen_ref")
+    ap.add_argument("--decode-linear", nargs="+", default=["torch", "invariant"], choices=["torch", "invariant"])
     ap.add_argument("--context-sweep", type=int, nargs="*", default=None, metavar="N",
                     help="also time one decode step at these cached lengths (e.g. 128 2048 8192) and compare the "
                          "cost growth with the growth of the bytes a step reads")
@@ -174,52 +215,23 @@ def main() -> int:
         path = checkpoint(preset)
         for dtype_name in args.dtype:
             dtype = getattr(torch, dtype_name)
-            reset_peak()
-            before = memory("VmRSS")
-            qwen = load(path, dtype=dtype, device=device)
-            load_peak = memory("VmHWM") - before
-            model = qwen.model
-            wbytes = weight_bytes_per_token(model)
-            t1, tn = bench_ours(model, prompts, args.new_tokens, args.repeats)
-            row = {
-                "bench": "generate", "preset": preset, "dtype": dtype_name, "device": str(device),
-                "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                "threads": args.threads,
-                "prefill_tok_s": round(args.batch * args.prompt_len / t1, 1),
-                "decode_tok_s": round(args.batch * (args.new_tokens - 1) / (tn - t1), 2),
-                "weight_bytes": wbytes, "load_peak_rss_bytes": load_peak,
-                "load_peak_over_weights": round(load_peak / sum(p.numel() * p.element_size()
-                                                               for p in model.parameters()), 3),
-            }
-            context = args.prompt_len + args.new_tokens // 2
-            step_bytes = wbytes + args.batch * kv_bytes_per_token(model, context, dtype)
-            row["bytes_per_step"] = step_bytes
-            if bandwidth is not None:
-                row["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
-                roofline = bandwidth / step_bytes  # decode steps per second at full bandwidth
-                row["roofline_tok_s"] = round(args.batch * roofline, 2)
-                row["roofline_fraction"] = round(row["decode_tok_s"] / (args.batch * roofline), 3)
-            if args.context_sweep:
-                for r in context_sweep(model, dtype, sorted(args.context_sweep), args.batch):
-                    print(json.dumps({"preset": preset, **r}), flush=True)
-            del qwen, model
-            if not args.skip_hf:
-                from transformers import AutoModelForCausalLM
+            hf_times = None
+            for decode_linear in args.decode_linear if device.type == "cpu" else ["torch"]:
+                row = bench_case(args, preset, path, dtype, device, decode_linear, prompts, bandwidth)
+                if not args.skip_hf:
+                    hf_times = hf_times or bench_hf_case(path, dtype, device, prompts, args)
+                    h1, hn = hf_times
+                    row["hf_prefill_tok_s"] = round(args.batch * args.prompt_len / h1, 1)
+                    row["hf_decode_tok_s"] = round(args.batch * (args.new_tokens - 1) / (hn - h1), 2)
+                    row["decode_ratio_vs_hf"] = round(row["decode_tok_s"] / row["hf_decode_tok_s"], 2)
+                    row["prefill_ratio_vs_hf"] = round(row["prefill_tok_s"] / row["hf_prefill_tok_s"], 2)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
 
-                hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-                h1, hn = bench_hf(hf, prompts, args.new_tokens, args.repeats)
-                del hf
-                row["hf_prefill_tok_s"] = round(args.batch * args.prompt_len / h1, 1)
-                row["hf_decode_tok_s"] = round(args.batch * (args.new_tokens - 1) / (hn - h1), 2)
-                row["decode_ratio_vs_hf"] = round(row["decode_tok_s"] / row["hf_decode_tok_s"], 2)
-                row["prefill_ratio_vs_hf"] = round(row["prefill_tok_s"] / row["hf_prefill_tok_s"], 2)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-
-    print(f"\n{'preset':<20}{'dtype':<10}{'prefill':>10}{'decode':>9}{'hf dec':>9}{'ratio':>7}{'roofline':>10}",
-          file=sys.stderr)
+    print(f"\n{'preset':<20}{'dtype':<10}{'linear':<11}{'prefill':>10}{'decode':>9}{'hf dec':>9}{'ratio':>7}"
+          f"{'roofline':>10}", file=sys.stderr)
     for r in rows:
-        print(f"{r['preset']:<20}{r['dtype']:<10}{r['prefill_tok_s']:>10}{r['decode_tok_s']:>9}"
+        print(f"{r['preset']:<20}{r['dtype']:<10}{r['decode_linear']:<11}{r['prefill_tok_s']:>10}{r['decode_tok_s']:>9}"
               f"{r.get('hf_decode_tok_s', '-'):>9}{r.get('decode_ratio_vs_hf', '-'):>7}"
               f"{r.get('roofline_fraction', '-'):>10}", file=sys.stderr)
     return 0

@@ -4,24 +4,38 @@
     attention(q, k, v, *, causal=True, scale=None)      prefill: FlashAttention-2 forward, GQA, bottom-right causal
     decode_attention(q, k_cache, v_cache, seq_lens)     decode: split-KV flash-decoding over per-row cache lengths
 
-Triton picks compiler or interpreter when a kernel is decorated, i.e. when this package is imported: on a machine
+and a CPU kernel (C++, compiled on first use), imported from its module:
+
+    qwen_ref_kernels.invariant_linear.invariant_linear(x, weight, bias=None)
+                                                        decode-step linear whose rows do not depend on the batch
+
+Triton picks compiler or interpreter when a kernel is decorated, i.e. when its module is first imported: on a machine
 without a GPU, set TRITON_INTERPRET=1 before the import and pass CPU tensors (see docs/kernels.md).
 """
 
 # This folder is installed as `qwen_ref_kernels`. Reached under its folder name (the repo root on sys.path) it stays
 # empty on purpose: `kernels` is also HF's hub-kernel loader, which transformers probes by importing that name.
 if __name__ == "qwen_ref_kernels":
-    from ._common import INTERPRET
-    from .attention import attention, attention_ref
-    from .decode_attention import decode_attention, decode_attention_ref
-    from .rms_norm import rms_norm, rms_norm_ref
+    import importlib
 
-    __all__ = [
-        "INTERPRET",
-        "attention",
-        "attention_ref",
-        "decode_attention",
-        "decode_attention_ref",
-        "rms_norm",
-        "rms_norm_ref",
-    ]
+    # Triton kernels are imported on first use, so that importing the CPU kernel (qwen_ref_kernels.invariant_linear)
+    # neither needs triton nor fixes Triton's compiler/interpreter choice before TRITON_INTERPRET is set.
+    _WHERE = {
+        "INTERPRET": "_common",
+        "attention": "attention",
+        "attention_ref": "attention",
+        "decode_attention": "decode_attention",
+        "decode_attention_ref": "decode_attention",
+        "rms_norm": "rms_norm",
+        "rms_norm_ref": "rms_norm",
+    }
+    __all__ = sorted(_WHERE)
+
+    def __getattr__(name: str):
+        if name not in _WHERE:
+            raise AttributeError(f"module 'qwen_ref_kernels' has no attribute {name!r}")
+        module = importlib.import_module(f".{_WHERE[name]}", __name__)
+        for other, where in _WHERE.items():  # the functions replace their same-named modules as attributes
+            if where == _WHERE[name]:
+                globals()[other] = getattr(module, other)
+        return globals()[name]

@@ -41,6 +41,9 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--lora", default=None, help="a LoRA adapter directory (or a name in --lora-dir) to merge")
     p.add_argument("--lora-dir", default=None, help="a directory of named LoRA adapters for the request's lora")
+    p.add_argument("--decode-linear", choices=["torch", "invariant"], default="torch",
+                   help="torch (default): BLAS, decode logits bit-equal to transformers; invariant: the "
+                        "batch-invariant CPU kernel (faster in bfloat16; see docs/performance.md)")
 
 
 def _add_request_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
 
     body = build_request(args)
     qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True, lora=args.lora,
-                lora_dir=args.lora_dir)
+                lora_dir=args.lora_dir, decode_linear=args.decode_linear)
     out = generate(qwen, body)
     if not body.get("stream"):
         print(json.dumps(out, ensure_ascii=False, indent=2))
@@ -116,7 +119,7 @@ def _inspect(args: argparse.Namespace) -> int:
     body = build_request(args)
     body.pop("stream", None)
     qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True, lora=args.lora,
-                lora_dir=args.lora_dir)
+                lora_dir=args.lora_dir, decode_linear=args.decode_linear)
     for table in inspect_steps(qwen, body, steps=args.steps, top=args.top, plot=args.plot):
         print(table)
         print()

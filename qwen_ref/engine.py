@@ -54,8 +54,9 @@ def decode(
 
     Rows never read each other's keys, but a matmul over B rows may round differently from the same matmul
     over one row (BLAS picks its kernel by shape), so batched logits can differ from a row's logits alone in
-    the last bits. With batch_invariant=True each row runs its own forward with its own cache, exactly the
-    arithmetic it gets alone, so a seeded request draws the same tokens in any batch.
+    the last bits. With batch_invariant=True a seeded request draws the same tokens in any batch: on a model
+    loaded with decode_linear="invariant" the rows still decode as one batch (each prompt prefilled alone, then
+    batch-invariant decode steps); otherwise each row runs its own forward with its own cache.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("decode: every prompt needs at least one token")
@@ -66,8 +67,10 @@ def decode(
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     budget = torch.tensor(budgets, dtype=torch.long, device=device)
     active = budget > 0
-    if batch_invariant and len(prompts) > 1:
+    if batch_invariant and len(prompts) > 1 and not model.invariant_decode:
         forward, logits = _rowwise(model, prompts, max(budgets), device)
+    elif batch_invariant and len(prompts) > 1:
+        forward, logits = _invariant_batched(model, prompts, max(budgets), device)
     else:
         forward, logits = _batched(model, prompts, max(budgets), device)
     step = 0
@@ -109,6 +112,20 @@ def _batched(model, prompts, budget, device):
         return model(tokens[:, None], cache=cache, num_new=active.long())[:, 0]
 
     return forward, logits
+
+
+def _invariant_batched(model, prompts, budget, device):
+    """Each distinct prompt prefilled alone (a batched prefill would round differently), then one batched
+    forward per step, whose rows are batch-invariant (QwenForCausalLM.use_invariant_linear)."""
+    if _is_shared(prompts):
+        return _batched(model, prompts, budget, device)
+    caches, rows = zip(*(_prefill(model, [p], budget, device) for p in prompts))
+    cache = KVCache.stack(caches)
+
+    def forward(tokens, active, _previous):
+        return model(tokens[:, None], cache=cache, num_new=active.long())[:, 0]
+
+    return forward, torch.cat(rows)
 
 
 def _rowwise(model, prompts, budget, device):

@@ -70,6 +70,29 @@ class KVCache:
         out.capacity = self.capacity
         return out
 
+    @staticmethod
+    def stack(caches: list[KVCache]) -> KVCache:
+        """One cache whose rows are copies of the given caches' rows, in order (capacity: the largest)."""
+        assert caches, "stack() needs at least one cache"
+        capacity = max(c.capacity for c in caches)
+        used = [int(c.lengths.max()) for c in caches]
+
+        def merged(parts: list[torch.Tensor]) -> torch.Tensor:
+            _, KV, _, D = parts[0].shape
+            t = parts[0].new_zeros((sum(p.shape[0] for p in parts), KV, capacity, D))  # [B, KV, capacity, D]
+            row = 0
+            for p, n in zip(parts, used):
+                t[row : row + p.shape[0], :, :n] = p[:, :, :n]
+                row += p.shape[0]
+            return t
+
+        out = object.__new__(KVCache)
+        out.k = [merged([c.k[layer] for c in caches]) for layer in range(len(caches[0].k))]
+        out.v = [merged([c.v[layer] for c in caches]) for layer in range(len(caches[0].v))]
+        out.lengths = torch.cat([c.lengths for c in caches])
+        out.capacity = capacity
+        return out
+
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Forget rows (all rows when None); their stale keys are masked by position and overwritten."""
         if rows is None:

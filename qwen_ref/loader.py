@@ -132,7 +132,7 @@ def _use_triton(kernels: str, device: torch.device) -> bool:
     if kernels == "torch":
         return False
     try:
-        import qwen_ref_kernels  # noqa: F401  (imports triton)
+        from qwen_ref_kernels import rms_norm  # noqa: F401  (imports triton)
     except ImportError as e:
         if kernels == "auto":
             return False
@@ -145,6 +145,23 @@ def _use_triton(kernels: str, device: torch.device) -> bool:
     return True
 
 
+def _use_invariant(decode_linear: str, device: torch.device, dtype: torch.dtype) -> bool:
+    if decode_linear not in ("torch", "invariant"):
+        raise CheckpointError(f"decode_linear: {decode_linear!r} is not supported; allowed: 'torch', 'invariant'")
+    if decode_linear == "torch":
+        return False
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        raise CheckpointError(f"decode_linear='invariant' runs on the CPU in float32 or bfloat16; got device "
+                              f"{device}, dtype {dtype}")
+    from qwen_ref_kernels.invariant_linear import InvariantLinearUnavailable, extension
+
+    try:
+        extension()  # built (or found in the cache) now, so that a missing compiler shows at load time
+    except InvariantLinearUnavailable as e:
+        raise CheckpointError(f"decode_linear='invariant': {e}") from None
+    return True
+
+
 def load(
     source: str | os.PathLike[str],
     *,
@@ -154,9 +171,12 @@ def load(
     lora: str | os.PathLike[str] | None = None,
     lora_dir: str | os.PathLike[str] | None = None,
     kernels: str = "torch",
+    decode_linear: str = "torch",
 ) -> Qwen:
     """lora: an adapter directory (or a name in lora_dir) merged into the weights; lora_dir: a directory of
-    named adapters that a request's `lora` field selects (see docs/lora.md)."""
+    named adapters that a request's `lora` field selects (see docs/lora.md).
+    decode_linear: "torch" (BLAS; decode logits bit-equal to transformers) or "invariant" (the batch-invariant
+    CPU kernel: exact batched decoding at batch speed, and bfloat16 at memory speed; see docs/performance.md)."""
     from .tokenizer import load_tokenizer
 
     path, known = resolve_source(source)
@@ -167,8 +187,10 @@ def load(
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"device: {device!r} is not a valid torch device ({e})") from None
     use_triton = _use_triton(kernels, device)
+    invariant = _use_invariant(decode_linear, device, torch_dtype)
     model = load_weights(path, config, dtype=torch_dtype, device=device, progress=progress)
     model.use_kernels(use_triton)
+    model.use_invariant_linear(invariant)
     tokenizer = load_tokenizer(path)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(

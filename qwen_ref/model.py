@@ -15,6 +15,20 @@ from .kv_cache import KVCache
 from .rope import RotaryEmbedding
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) that can route decode steps through the batch-invariant CPU kernel."""
+
+    invariant = False  # set by use_invariant_linear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a decode step is one token per row; prefill keeps BLAS, whose speed on long inputs the kernel lacks
+        if self.invariant and x.dim() == 3 and x.shape[1] == 1 and x.dtype != torch.float64:
+            from qwen_ref_kernels.invariant_linear import invariant_linear
+
+            return invariant_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -50,6 +64,17 @@ def attention_mask(q_pos: torch.Tensor, num_keys: int, sliding_window: int | Non
     return allowed[:, None]
 
 
+def key_runs(num_keys: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first row, end row, keys) for each run of consecutive rows that hold the same number of keys."""
+    runs: list[tuple[int, int, int]] = []
+    for row, n in enumerate(num_keys.tolist()):
+        if runs and runs[-1][2] == n:
+            runs[-1] = (runs[-1][0], row + 1, n)
+        else:
+            runs.append((row, row + 1, n))
+    return runs
+
+
 class Attention(nn.Module):
     def __init__(self, config: QwenConfig, layer_idx: int):
         super().__init__()
@@ -61,11 +86,12 @@ class Attention(nn.Module):
         sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if sliding else None
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=True)
-        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, q_out, bias=True)
+        self.k_proj = Linear(config.hidden_size, kv_out, bias=True)
+        self.v_proj = Linear(config.hidden_size, kv_out, bias=True)
+        self.o_proj = Linear(q_out, config.hidden_size, bias=False)
         self.triton = False  # set by use_kernels(): Triton flash attention / flash decoding
+        self.invariant = False  # set by use_invariant_linear(): batched decode with each row's arithmetic alone
 
     def forward(
         self,
@@ -73,7 +99,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: torch.Tensor,
-        masks: dict[int | None, torch.Tensor],
+        masks: dict,
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -95,7 +121,21 @@ class Attention(nn.Module):
         if self.sliding_window not in masks:  # one mask per window size, shared by the layers of a forward
             masks[self.sliding_window] = attention_mask(positions, S, self.sliding_window)
         mask = masks[self.sliding_window]
+        if self.invariant and T == 1 and B > 1:
+            # exact batched decode: each run of rows that hold the same number of keys attends as one batch over
+            # exactly those keys, which is the arithmetic each row gets alone (a batched matmul computes its
+            # batch entries independently; padded key columns would change the sums' lengths)
+            if "runs" not in masks:
+                masks["runs"] = key_runs(positions[:, 0] + 1)
+            out = torch.cat([self._attend(q[a:b], k[a:b, :, :n], v[a:b, :, :n], mask[a:b, :, :, :n])
+                             for a, b, n in masks["runs"]])
+        else:
+            out = self._attend(q, k, v, mask)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D]
 
+    def _attend(self, q, k, v, mask) -> torch.Tensor:
+        B, _, T, _ = q.shape
+        S = k.shape[2]
         # GQA: query head i reads KV head i // G. The G query heads of a KV head are stacked along the
         # query axis, so one plain batched matmul per KV head serves them, with no repeated keys.
         G = self.num_heads // self.num_kv_heads
@@ -107,9 +147,7 @@ class Attention(nn.Module):
         softmax_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
         probs = F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
         out = torch.matmul(probs.view(B, self.num_kv_heads, G * T, S), v)  # [B, KV, G*T, D]
-        out = out.view(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
-        return self.o_proj(out)
-
+        return out.view(B, self.num_heads, T, self.head_dim)  # [B, H, T, D]
 
     def _triton(self, q, k, v, positions, cached: bool) -> torch.Tensor:
         from qwen_ref_kernels import attention, decode_attention
@@ -125,9 +163,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: QwenConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -158,7 +196,7 @@ class QwenModel(nn.Module):
     def forward(self, input_ids, positions, seq_lens, cache):
         x = self.embed_tokens(input_ids)  # [B, T, hidden]
         cos, sin = self.rotary_emb(positions, seq_lens, x.dtype)
-        masks: dict[int | None, torch.Tensor] = {}
+        masks: dict = {}  # per forward: attention mask per window size, and the rows' key runs
         for layer in self.layers:
             x = layer(x, cos, sin, positions, masks, cache)
         return self.norm(x)
@@ -169,7 +207,7 @@ class QwenForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = QwenModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -179,6 +217,17 @@ class QwenForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm | Attention):
                 m.triton = triton
+
+    def use_invariant_linear(self, on: bool) -> None:
+        """Decode steps through the batch-invariant CPU linear (qwen_ref_kernels.invariant_linear), and batched
+        decode attention per run of equal-length rows: a row's logits then do not depend on the batch it is in."""
+        for m in self.modules():
+            if isinstance(m, Linear | Attention):
+                m.invariant = on
+
+    @property
+    def invariant_decode(self) -> bool:
+        return self.lm_head.invariant
 
     def forward(
         self,

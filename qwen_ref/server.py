@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import inspect
 import json
 import math
 import os
@@ -294,10 +293,13 @@ class Engine:
 
     @torch.inference_mode()
     def _admit(self, lanes: list[Lane], jobs: list[Job]) -> list[Lane]:
-        if self.exact:
+        if self.exact and not self.model.invariant_decode:
             return lanes + [Lane.prefill(self.model, [job]) for job in jobs]
-        joined = Lane.prefill(self.model, jobs)
-        return [lanes[0].merge(self.model, joined)] if lanes else [joined]
+        # exact on a batch-invariant model: each prompt prefilled alone, then all rows decode in one lane
+        joined = [Lane.prefill(self.model, [job]) for job in jobs] if self.exact else [Lane.prefill(self.model, jobs)]
+        for lane in joined:
+            lanes = [lanes[0].merge(self.model, lane)] if lanes else [lane]
+        return lanes
 
     @torch.inference_mode()
     def _step(self, lanes: list[Lane]) -> list[Lane]:
@@ -410,12 +412,8 @@ def as_named(qwen: Qwen, name: str) -> Qwen:
     return qwen if known is None or qwen.known == known else replace(qwen, known=known)
 
 
-def _load(source: str, *, device: str, dtype: str | None, lora_dir: str | None) -> Qwen:
-    if lora_dir is None:
-        return load(source, device=device, dtype=dtype)
-    if "lora_dir" not in inspect.signature(load).parameters:
-        raise QwenRefError("--lora-dir: this qwen_ref has no LoRA support (qwen_ref.load takes no lora_dir)")
-    return load(source, device=device, dtype=dtype, lora_dir=lora_dir)  # type: ignore[call-arg]
+def _load(source: str, *, device: str, dtype: str | None, lora_dir: str | None, decode_linear: str) -> Qwen:
+    return load(source, device=device, dtype=dtype, lora_dir=lora_dir, decode_linear=decode_linear)
 
 
 def load_models(
@@ -428,6 +426,7 @@ def load_models(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_queue: int = DEFAULT_MAX_QUEUE,
     exact: bool = True,
+    decode_linear: str = "torch",
 ) -> dict[str, Served]:
     """Load each source once; serve it under its Workers AI id (when loaded by one) or its source text, and
     under every NAME of a NAME=SOURCE alias. Names of one checkpoint share its engine."""
@@ -438,7 +437,7 @@ def load_models(
     served: dict[str, Served] = {}
     for name, source in wanted:
         if source not in loaded:
-            qwen = _load(source, device=device, dtype=dtype, lora_dir=lora_dir)
+            qwen = _load(source, device=device, dtype=dtype, lora_dir=lora_dir, decode_linear=decode_linear)
             loaded[source] = (qwen, Engine(qwen, max_batch=max_batch, max_queue=max_queue, exact=exact))
         qwen, engine = loaded[source]
         name = name or (qwen.known.workers_ai_id if qwen.known is not None else source)
@@ -972,6 +971,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batching", choices=["exact", "fast"], default="exact",
                         help="exact (default): each request's forward pass runs on its own, so it gets the tokens "
                              "generate() gives it alone; fast: one forward for all, faster, rounding may differ")
+    parser.add_argument("--decode-linear", choices=["torch", "invariant"], default="torch",
+                        help="invariant: decode steps through the batch-invariant CPU kernel, so exact batching "
+                             "decodes all requests in one forward (see docs/performance.md)")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                         help=f"waiting requests per model before 429 (default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
@@ -998,7 +1000,8 @@ def run_server(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     served = load_models(args.sources, args.name, device=args.device, dtype=args.dtype, lora_dir=args.lora_dir,
-                         max_batch=args.max_batch, max_queue=args.max_queue, exact=args.batching == "exact")
+                         max_batch=args.max_batch, max_queue=args.max_queue, exact=args.batching == "exact",
+                         decode_linear=args.decode_linear)
     app = create_app(served, Settings(token, args.max_body_bytes, args.timeout))
     base = f"http://{args.host}:{args.port}"
     for name in served:

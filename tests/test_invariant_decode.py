@@ -1,0 +1,174 @@
+"""Models loaded with decode_linear="invariant": decode steps through the batch-invariant CPU linear.
+
+Tolerances. float32: 1e-4 max |logit difference| against transformers, as for the default path; the kernel sums
+in another order than BLAS, so the difference is not 0 but float32 rounding (measured: about 1e-6). bfloat16:
+the two sides round their linear outputs to bfloat16 from differently ordered float32 sums, so they are not
+bit-equal; the bound is that our error against float64 is at most 2x transformers' bfloat16 error against the
+same float64 logits (plus 0.05 at a logit scale of about 16).
+Exactness of batching: bit-equal to running alone, tested through the engine and through generate().
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hf_model
+from transformers import GenerationConfig
+
+import qwen_ref
+from qwen_ref.engine import generate_ids
+from qwen_ref.errors import CheckpointError
+from qwen_ref.kv_cache import KVCache
+from qwen_ref.loader import load
+
+PRESETS = ["qwen2.5", "qwen1.5", "sliding", "dynamic", "yarn"]
+
+
+def _step_logits(model, prompt: list[int], feed: list[int], dtype) -> torch.Tensor:
+    """Logits [len(feed) + 1, V]: after the prompt, then after each fed token, one token per decode step."""
+    cache = KVCache(model.config, 1, len(prompt) + len(feed) + 1, dtype=dtype)
+    with torch.inference_mode():
+        out = [model(torch.tensor([prompt]), cache=cache, last_only=True)[0, 0]]
+        for t in feed:
+            out.append(model(torch.tensor([[t]]), cache=cache)[0, 0])
+    return torch.stack(out)
+
+
+def _hf_logits(hf, prompt, feed) -> torch.Tensor:
+    ids = torch.tensor([prompt + feed])
+    with torch.no_grad():
+        return hf(ids).logits[0, len(prompt) - 1 :].double()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decode_steps_match_transformers_fp32(tiny, preset):
+    path = tiny(preset)
+    ours = load(path, decode_linear="invariant").model
+    assert ours.invariant_decode and ours.lm_head.invariant
+    # 44 positions: within the dynamic preset's 48, where one full forward and stepwise decoding use the same rope
+    prompt, feed = list(range(3, 40)), [5, 99, 1000, 7, 7, 42, 64]
+    a = _step_logits(ours, prompt, feed, torch.float32).double()
+    b = _hf_logits(hf_model(path), prompt, feed)
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5", "qwen1.5"])
+def test_decode_steps_bf16_within_twice_transformers_error(tiny, preset):
+    path = tiny(preset)
+    prompt, feed = list(range(10, 30)), [3, 17, 256, 9, 1024]
+    truth = _step_logits(load(path, dtype="float64").model, prompt, feed, torch.float64)
+    ours = _step_logits(load(path, dtype="bfloat16", decode_linear="invariant").model, prompt, feed, torch.bfloat16)
+    theirs = _hf_logits(hf_model(path, torch.bfloat16), prompt, feed)
+    ours_err = (ours.double() - truth).abs().max().item()
+    their_err = (theirs - truth).abs().max().item()
+    assert ours_err <= 2 * their_err + 0.05, (ours_err, their_err)
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5", "qwen1.5", "sliding"])
+def test_greedy_tokens_equal_the_torch_path_and_transformers(tiny, preset):
+    """Same greedy tokens, or a first difference only at a near-tie: a step whose two best float64 logits are
+    within the float32 tolerance (1e-4) of each other, where float rounding decides and either token is right.
+    Random-weight models have such near-ties; a wrong fast path diverges at a clear margin instead."""
+    path = tiny(preset)
+    prompts = [[11, 22, 33, 44, 55, 66, 77], [5, 6, 7], list(range(100, 130))]
+    fast = generate_ids(load(path, decode_linear="invariant").model, prompts, 40)
+    plain = generate_ids(load(path).model, prompts, 40)
+    hf = hf_model(path)
+    hf.generation_config = GenerationConfig(do_sample=False, pad_token_id=0)  # not the checkpoint's sampling
+    truth = load(path, dtype="float64").model
+    exact_rows = 0
+    for prompt, ours, base in zip(prompts, fast, plain):
+        with torch.no_grad():
+            theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40)[0, len(prompt) :]
+        assert base == theirs.tolist()  # the torch path is bit-equal to transformers
+        i = _first_difference(ours, base)
+        if i is None:
+            exact_rows += 1
+            continue
+        with torch.no_grad():
+            logits = truth(torch.tensor([prompt + base[:i]]))[0, -1]
+        margin = (logits[base[i]] - logits[ours[i]]).abs().item()
+        assert margin <= 1e-4, (preset, i, margin)
+    assert exact_rows >= 2, f"{preset}: {3 - exact_rows} of 3 rows differ (each only at a near-tie)"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exact_batch_is_one_forward_per_step_and_equals_each_row_alone(tiny, dtype):
+    model = load(tiny("qwen2.5"), dtype=dtype, decode_linear="invariant").model
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10] * 12, [3, 1, 4, 1, 5, 9, 2, 6], [7, 8, 9]]
+    budgets = [20, 5, 17, 20, 1]
+    alone = [generate_ids(model, [p], b, stop_ids=[11, 500])[0] for p, b in zip(prompts, budgets)]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[0].shape), with_kwargs=True)
+    try:
+        batched = generate_ids(model, prompts, budgets, stop_ids=[11, 500], batch_invariant=True)
+    finally:
+        hook.remove()
+    assert batched == alone
+    decode_calls = [s for s in calls if s[1] == 1]
+    assert decode_calls and all(s[0] == len(prompts) for s in decode_calls)  # batched, not one forward per row
+    assert len(calls) - len(decode_calls) == len(prompts)  # each prompt prefilled alone
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_n_seeded_samples_equal_each_sample_alone(tiny, dtype):
+    qwen = qwen_ref.load(tiny("qwen2.5"), dtype=dtype, decode_linear="invariant")
+    body = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 1.0, "top_p": 0.9,
+            "repetition_penalty": 1.2, "seed": 7}
+    many = qwen_ref.generate(qwen, body, n=8)
+    alone = [qwen_ref.generate(qwen, dict(body, seed=7 + i))["response"] for i in range(8)]
+    assert [m["response"] for m in many] == alone
+    assert len(set(alone)) > 1  # different seeds, different samples
+
+
+def test_a_batch_of_different_requests_equals_each_alone(tiny):
+    qwen = qwen_ref.load(tiny("qwen1.5"), decode_linear="invariant")
+    bodies = [{"prompt": "a" * (i + 1), "max_tokens": 6 + 3 * i, "temperature": 0.7, "seed": 100 + i}
+              for i in range(5)]
+    together = qwen_ref.generate(qwen, bodies)
+    assert [t["response"] for t in together] == [qwen_ref.generate(qwen, b)["response"] for b in bodies]
+
+
+def test_bad_decode_linear_options_are_refused(tiny):
+    path = tiny("qwen2.5")
+    with pytest.raises(CheckpointError, match="decode_linear: 'fast' is not supported; allowed: 'torch', 'invariant'"):
+        load(path, decode_linear="fast")
+    with pytest.raises(CheckpointError, match=r"float32 or bfloat16; got device cpu, dtype torch\.float64"):
+        load(path, dtype="float64", decode_linear="invariant")
+    with pytest.raises(CheckpointError, match=r"float32 or bfloat16; got device cpu, dtype torch\.float16"):
+        load(path, dtype="float16", decode_linear="invariant")
+
+
+def test_server_exact_batching_decodes_the_requests_in_one_forward(tiny):
+    import asyncio
+
+    from qwen_ref import server
+    from qwen_ref.api import prepare
+
+    qwen = qwen_ref.load(tiny("qwen1.5"), decode_linear="invariant")
+    bodies = [{"prompt": f"request {i}" * (i + 1), "max_tokens": 8 + i, "seed": i + 1, "temperature": 0.9}
+              for i in range(4)]
+    alone = [qwen_ref.generate(qwen, b) for b in bodies]
+    served = server.Served("m", qwen, server.Engine(qwen, max_batch=4))
+    rows = []
+    hook = qwen.model.register_forward_pre_hook(lambda m, args: rows.append(tuple(args[0].shape)))
+    served.engine.start()
+
+    async def one(body):
+        prepared = prepare(qwen, body)
+        return (await server.collect(qwen, prepared, server.submit(served, body, prepared, 60))).output
+
+    async def run_all():
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+    try:
+        outputs = asyncio.run(run_all())
+    finally:
+        served.engine.close()
+        hook.remove()
+    assert outputs == alone
+    assert max(b for b, t in rows if t == 1) > 1  # decode steps ran several requests in one forward

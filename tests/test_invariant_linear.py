@@ -1,0 +1,119 @@
+"""The batch-invariant CPU linear (kernels/invariant_linear.py) against its references.
+
+1. Accuracy against float64 (invariant_linear_ref), with the worst-case bound of a float32 dot product:
+   |y - ref| <= K * 2**-24 * (|x| @ |w|.T) (+ one bfloat16 rounding of the output, 2**-8 * |y|, for bfloat16).
+2. Bit-exact batch invariance: a row's output is the same alone, in any slice, and among other rows.
+3. The documented summation order, replayed by an independent implementation in exact rational arithmetic
+   (Fractions, one rounding to float32 per step, as a fused multiply-add does), gives the same bits.
+   The order is the same on every CPU, so this holds on any machine.
+4. Bad inputs raise errors that name the problem.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from qwen_ref_kernels.invariant_linear import invariant_linear, invariant_linear_ref
+
+SHAPES = [(1, 1), (15, 3), (16, 4), (17, 5), (33, 7), (123, 37), (896, 1152), (4864, 96)]
+ROWS = [1, 2, 3, 4, 5, 9, 33]
+
+
+def _inputs(M, K, N, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_accuracy_within_the_float32_dot_product_bound(K, N, dtype):
+    for M, bias in [(1, False), (5, True), (33, True)]:
+        x, w, b = _inputs(M, K, N, dtype, bias)
+        y = invariant_linear(x, w, b)
+        assert y.dtype == dtype and y.shape == (M, N)
+        ref = invariant_linear_ref(x, w, b)
+        bound = (K + 1) * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+        if b is not None:
+            bound = bound + 2.0**-24 * b.double().abs()
+        if dtype == torch.bfloat16:
+            bound = bound + 2.0**-8 * ref.abs()  # the output's one rounding to bfloat16
+        err = (y.double() - ref).abs()
+        assert bool((err <= bound + 1e-30).all()), (M, K, N, float((err - bound).max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,N", [(17, 5), (123, 37), (896, 1152)])
+def test_rows_are_bit_equal_in_any_batch(K, N, dtype):
+    x, w, b = _inputs(40, K, N, dtype, bias=True, seed=1)
+    full = invariant_linear(x, w, b)
+    for M in ROWS:
+        part = invariant_linear(x[:M], w, b)
+        assert torch.equal(part, full[:M]), M
+    for i in [0, 3, 17, 39]:
+        assert torch.equal(invariant_linear(x[i : i + 1], w, b), full[i : i + 1]), i
+    others = torch.randn(40, K).to(dtype)  # the same rows among other rows, at other positions
+    mixed = torch.cat([others[:7], x[10:20], others[7:9]])
+    assert torch.equal(invariant_linear(mixed, w, b)[7:17], full[10:20])
+    x3 = x[:12].reshape(3, 4, K)  # leading dims are rows too
+    assert torch.equal(invariant_linear(x3, w, b), full[:12].reshape(3, 4, N))
+
+
+def _f32(v: Fraction) -> Fraction:
+    """v rounded to the nearest float32, ties to even: the float64 route may round twice, so the answer is the
+    nearest of that float32 and its two neighbours."""
+    a = np.float32(float(v))
+    near = [np.nextafter(a, np.float32(-np.inf)), a, np.nextafter(a, np.float32(np.inf))]
+    best = min(near, key=lambda c: (abs(Fraction(float(c)) - v), int(c.view(np.uint32)) & 1))
+    return Fraction(float(best))
+
+
+def _documented_order(x: np.ndarray, w: np.ndarray) -> np.float32:
+    K, L = len(x), 16
+    xs, ws = [Fraction(float(a)) for a in x], [Fraction(float(a)) for a in w]
+    lanes = [Fraction(0)] * L
+    body = L * (K // L)
+    for k in range(body):
+        j = k % L
+        lanes[j] = _f32(xs[k] * ws[k] + lanes[j])  # a fused multiply-add: one rounding
+    width = L // 2
+    while width >= 1:
+        for j in range(width):
+            lanes[j] = _f32(lanes[j] + lanes[j + width])
+        width //= 2
+    s = lanes[0]
+    for k in range(body, K):
+        s = _f32(xs[k] * ws[k] + s)
+    return np.float32(float(s))
+
+
+@pytest.mark.parametrize("K", [7, 16, 37, 53])
+@pytest.mark.parametrize("N", [1, 4, 7])
+def test_the_documented_summation_order_bit_for_bit(K, N):
+    x, w, _ = _inputs(3, K, N, torch.float32, bias=False, seed=K)
+    y = invariant_linear(x, w).numpy()
+    for m in range(3):
+        for n in range(N):
+            want = _documented_order(x[m].numpy(), w[n].numpy())
+            assert y[m, n] == want, (K, m, n, y[m, n], want)
+
+
+def test_bad_inputs_name_the_problem():
+    x, w, _ = _inputs(2, 8, 3, torch.float32, bias=True)
+    with pytest.raises(ValueError, match="float16 is not supported"):
+        invariant_linear(x.half(), w.half())
+    with pytest.raises(ValueError, match=r"x dtype torch\.bfloat16 differs"):
+        invariant_linear(x.bfloat16(), w)
+    with pytest.raises(ValueError, match=r"x \(2, 7\) and weight \(3, 8\) do not fit"):
+        invariant_linear(x[:, :7], w)
+    with pytest.raises(ValueError, match=r"bias \(4,\)"):
+        invariant_linear(x, w, torch.zeros(4))
+    with pytest.raises(ValueError, match="on meta"):
+        invariant_linear(x.to("meta"), w.to("meta"))
+    with pytest.raises(TypeError, match="must be tensors"):
+        invariant_linear([[1.0]], w)
