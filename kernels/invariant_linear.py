@@ -33,6 +33,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -86,14 +87,18 @@ inline float fold(vf a) {  // lanes folded in halves, a fixed order: lane j += l
 
 // MB rows of x times NB rows of w: every (m, n) pair runs the same per-lane sequence whatever MB and NB are.
 // O: the output type; a bfloat16 output is the float32 result rounded once (to nearest even).
+// ahead: how many rows of the next block of weight rows to prefetch at the same place, so that the memory
+// system always has the next rows in flight (the first tile of a block reads it from memory; later tiles hit
+// cache and pass 0). Prefetching changes no arithmetic.
 template <int MB, int NB, typename W, typename O>
-inline void tile(const float* x, const W* w, int64_t K, const float* bias, O* y, int64_t N) {
+inline void tile(const float* x, const W* w, int64_t K, const float* bias, O* y, int64_t N, int ahead) {
   vf acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < NB; ++n) acc[m][n] = vf{};
   int64_t k = 0;
   for (; k + L <= K; k += L) {
     vf wv[NB];
+    for (int n = 0; n < ahead; ++n) __builtin_prefetch(w + (NB + n) * K + k);
     for (int n = 0; n < NB; ++n) wv[n] = load(w + n * K + k);
     for (int m = 0; m < MB; ++m) {
       vf xv = load(x + m * K + k);
@@ -122,40 +127,54 @@ void widen_into(const T* src, float* dst, int64_t n) {  // exact: float32 copies
 }
 
 template <int NB, typename W, typename O>
-inline void rows(const float* x, const W* w, int64_t M, int64_t K, const float* bias, O* y, int64_t N) {
+inline void rows(const float* x, const W* w, int64_t M, int64_t K, const float* bias, O* y, int64_t N, int ahead) {
   if constexpr (std::is_same_v<W, c10::BFloat16>) {
     if (M > MB) {  // widen the NB weight rows once instead of once per tile of rows: the same values
       thread_local std::vector<float> buf;
       buf.resize(NB * K);
+      for (int64_t i = 0; i < ahead * K; i += 32) __builtin_prefetch(w + NB * K + i);  // the next block's rows
       widen_into(w, buf.data(), NB * K);
-      rows<NB, float, O>(x, buf.data(), M, K, bias, y, N);
+      rows<NB, float, O>(x, buf.data(), M, K, bias, y, N, 0);
       return;
     }
   }
   int64_t m = 0;
-  for (; m + MB <= M; m += MB) tile<MB, NB>(x + m * K, w, K, bias, y + m * N, N);
+  for (; m + MB <= M; m += MB) tile<MB, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0);
   switch (M - m) {
-    case 3: tile<3, NB>(x + m * K, w, K, bias, y + m * N, N); break;
-    case 2: tile<2, NB>(x + m * K, w, K, bias, y + m * N, N); break;
-    case 1: tile<1, NB>(x + m * K, w, K, bias, y + m * N, N); break;
+    case 3: tile<3, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0); break;
+    case 2: tile<2, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0); break;
+    case 1: tile<1, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0); break;
     default: break;
   }
 }
 
+// One weight matrix of a call: its rows are cut into blocks of NB; blocks of all matrices share one thread pool.
 template <typename W, typename O>
-void run(const float* x, const W* w, const float* bias, O* y, int64_t M, int64_t N, int64_t K) {
-  constexpr int NB = 4;
-  const int64_t blocks = (N + NB - 1) / NB;
+struct Part {
+  const W* w;
+  const float* bias;
+  O* y;
+  int64_t N, first_block;
+};
+
+constexpr int NB = 4;
+
+template <typename W, typename O>
+void run(const float* x, const std::vector<Part<W, O>>& parts, int64_t blocks, int64_t M, int64_t K) {
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    size_t p = 0;
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * NB;
-      const W* wb = w + n * K;
-      const float* bb = bias ? bias + n : nullptr;
-      switch (std::min<int64_t>(NB, N - n)) {
-        case 4: rows<4>(x, wb, M, K, bb, y + n, N); break;
-        case 3: rows<3>(x, wb, M, K, bb, y + n, N); break;
-        case 2: rows<2>(x, wb, M, K, bb, y + n, N); break;
-        default: rows<1>(x, wb, M, K, bb, y + n, N); break;
+      while (b >= parts[p].first_block + (parts[p].N + NB - 1) / NB) ++p;
+      const Part<W, O>& part = parts[p];
+      const int64_t n = (b - part.first_block) * NB;
+      const W* wb = part.w + n * K;
+      const float* bb = part.bias ? part.bias + n : nullptr;
+      const int ahead = static_cast<int>(std::clamp<int64_t>(part.N - n - NB, 0, NB));
+      switch (std::min<int64_t>(NB, part.N - n)) {
+        case 4: rows<4>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
+        case 3: rows<3>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
+        case 2: rows<2>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
+        default: rows<1>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
       }
     }
   });
@@ -170,20 +189,34 @@ std::vector<float> widened(const torch::Tensor& t) {
     std::memcpy(out.data(), t.data_ptr<float>(), t.numel() * sizeof(float));
   return out;
 }
+
+template <typename W, typename O>
+std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                     const std::vector<torch::Tensor>& bs) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const std::vector<float> xf = widened(x);
+  std::vector<std::vector<float>> biases;
+  std::vector<torch::Tensor> ys;
+  std::vector<Part<W, O>> parts;
+  int64_t blocks = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const int64_t N = ws[i].size(0);
+    ys.push_back(torch::empty({M, N}, ws[i].options()));
+    biases.push_back(bs[i].numel() ? widened(bs[i]) : std::vector<float>());
+    parts.push_back({ws[i].data_ptr<W>(), bs[i].numel() ? biases.back().data() : nullptr, ys.back().data_ptr<O>(),
+                     N, blocks});
+    blocks += (N + NB - 1) / NB;
+  }
+  run(xf.data(), parts, blocks, M, K);
+  return ys;
+}
 }  // namespace
 
-// x [M, K], w [N, K], bias [N] or empty: contiguous, all float32 or all bfloat16 -> y [M, N] in that dtype.
-torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, w.options());
-  const std::vector<float> xf = widened(x);
-  const std::vector<float> bf = bias.numel() ? widened(bias) : std::vector<float>();
-  const float* b = bias.numel() ? bf.data() : nullptr;
-  if (w.scalar_type() == torch::kBFloat16)
-    run(xf.data(), w.data_ptr<c10::BFloat16>(), b, y.data_ptr<c10::BFloat16>(), M, N, K);
-  else
-    run(xf.data(), w.data_ptr<float>(), b, y.data_ptr<float>(), M, N, K);
-  return y;
+// x [M, K]; ws[i] [N_i, K]; bs[i] [N_i] or empty. Contiguous, all float32 or all bfloat16. Returns y_i [M, N_i]
+// in that dtype, each exactly what a call with that weight alone returns (one thread pool for all of them).
+std::vector<torch::Tensor> linears(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> bs) {
+  if (x.scalar_type() == torch::kBFloat16) return run_parts<c10::BFloat16, c10::BFloat16>(x, ws, bs);
+  return run_parts<float, float>(x, ws, bs);
 }
 """
 
@@ -219,7 +252,7 @@ def extension():
                 from torch.utils.cpp_extension import load_inline
 
                 _module = load_inline(name=f"qwen_ref_invariant_linear_{_cpu_signature()}", cpp_sources=_SOURCE,
-                                      functions=["linear"], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
+                                      functions=["linears"], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
             except Exception as e:  # compiler, ninja or headers missing: say which, once
                 raise InvariantLinearUnavailable(
                     f"the batch-invariant CPU linear could not be built ({type(e).__name__}: {e}); it needs a C++ "
@@ -229,9 +262,29 @@ def extension():
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] times weight [N, K] (+ bias [N]) -> [..., N] in weight's dtype; see the module docstring."""
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+    return invariant_linears(x, [weight], [bias])[0]
+
+
+def invariant_linears(x: torch.Tensor, weights: list[torch.Tensor],
+                      biases: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """Several linears of the same input in one call (q/k/v, gate/up): each output equals invariant_linear(x, w, b)
+    bit for bit; the weights share one pass of the thread pool instead of one each."""
+    biases = [None] * len(weights) if biases is None else list(biases)
+    if not isinstance(x, torch.Tensor) or not all(isinstance(w, torch.Tensor) for w in weights):
         raise TypeError(f"invariant_linear: x and weight must be tensors, got {type(x).__name__}, "
-                        f"{type(weight).__name__}")
+                        f"{[type(w).__name__ for w in weights]}")
+    if not weights or len(biases) != len(weights):
+        raise ValueError(f"invariant_linear: {len(weights)} weights and {len(biases)} biases; want one bias (or None) "
+                         "per weight, and at least one weight")
+    for weight, bias in zip(weights, biases):
+        check(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    ys = linears_unchecked(x2, weights, biases)
+    return [y.view(*lead, y.shape[-1]) for y in ys]
+
+
+def check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if weight.dtype not in SUPPORTED_WEIGHT_DTYPES:
         raise ValueError(f"invariant_linear: weight dtype {weight.dtype} is not supported; allowed: float32, bfloat16")
     if x.dtype != weight.dtype:
@@ -245,13 +298,16 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and t.device.type != "cpu":
             raise ValueError(f"invariant_linear: {name} is on {t.device}; this kernel runs on the CPU")
-    lead = x.shape[:-1]
-    # numerics: activations, weights and bias widen exactly to float32 inside; the sum and the bias add are
-    # float32; the output is rounded once to the weight dtype
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
-    b = bias.contiguous() if bias is not None else torch.empty(0, dtype=weight.dtype)
-    y = extension().linear(x2, weight.contiguous(), b)  # [M, N]
-    return y.view(*lead, weight.shape[0])
+
+
+def linears_unchecked(x: torch.Tensor, weights: list[torch.Tensor],
+                      biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The kernel call without the checks (the model checks its weights once): x [M, K] -> [M, N_i] each.
+    numerics: activations, weights and biases widen exactly to float32 inside; sums and bias adds are float32;
+    each output is rounded once to the weight dtype."""
+    empty = torch.empty(0, dtype=weights[0].dtype)
+    return extension().linears(x.contiguous(), [w.contiguous() for w in weights],
+                               [empty if b is None else b.contiguous() for b in biases])
 
 
 def invariant_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

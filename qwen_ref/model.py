@@ -21,12 +21,20 @@ class Linear(nn.Linear):
     invariant = False  # set by use_invariant_linear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a decode step is one token per row; prefill keeps BLAS, whose speed on long inputs the kernel lacks
-        if self.invariant and x.dim() == 3 and x.shape[1] == 1 and x.dtype != torch.float64:
-            from qwen_ref_kernels.invariant_linear import invariant_linear
+        return project(x, self)[0]
 
-            return invariant_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+
+def project(x: torch.Tensor, *layers: Linear) -> list[torch.Tensor]:
+    """x through several Linear layers that read it (q/k/v, gate/up). On the invariant path a decode step (one
+    token per row) is one kernel call for all of them; prefill keeps BLAS, whose speed on long inputs the kernel
+    lacks. Each output is the same as its layer's alone."""
+    if layers[0].invariant and x.dim() == 3 and x.shape[1] == 1:
+        from qwen_ref_kernels.invariant_linear import linears_unchecked
+
+        B = x.shape[0]
+        ys = linears_unchecked(x.view(B, -1), [m.weight for m in layers], [m.bias for m in layers])  # [B, N_i]
+        return [y.view(B, 1, -1) for y in ys]  # [B, 1, N_i]
+    return [F.linear(x, m.weight, m.bias) for m in layers]
 
 
 class RMSNorm(nn.Module):
@@ -103,9 +111,10 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]: one rotation per row and position
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -168,7 +177,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -221,6 +231,13 @@ class QwenForCausalLM(nn.Module):
     def use_invariant_linear(self, on: bool) -> None:
         """Decode steps through the batch-invariant CPU linear (qwen_ref_kernels.invariant_linear), and batched
         decode attention per run of equal-length rows: a row's logits then do not depend on the batch it is in."""
+        for name, m in self.named_modules():
+            if on and isinstance(m, Linear):
+                w = m.weight
+                if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or not w.is_contiguous():
+                    raise ValueError(f"use_invariant_linear: {name}.weight is {w.dtype} on {w.device}"
+                                     f"{'' if w.is_contiguous() else ', not contiguous'}; the kernel takes "
+                                     "contiguous float32 or bfloat16 CPU weights")
         for m in self.modules():
             if isinstance(m, Linear | Attention):
                 m.invariant = on

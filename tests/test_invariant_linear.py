@@ -16,7 +16,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from qwen_ref_kernels.invariant_linear import invariant_linear, invariant_linear_ref
+from qwen_ref_kernels.invariant_linear import invariant_linear, invariant_linear_ref, invariant_linears
 
 SHAPES = [(1, 1), (15, 3), (16, 4), (17, 5), (33, 7), (123, 37), (896, 1152), (4864, 96)]
 ROWS = [1, 2, 3, 4, 5, 9, 33]
@@ -62,6 +62,19 @@ def test_rows_are_bit_equal_in_any_batch(K, N, dtype):
     assert torch.equal(invariant_linear(mixed, w, b)[7:17], full[10:20])
     x3 = x[:12].reshape(3, 4, K)  # leading dims are rows too
     assert torch.equal(invariant_linear(x3, w, b), full[:12].reshape(3, 4, N))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_several_weights_in_one_call_equal_separate_calls(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 64, generator=g).to(dtype)
+    weights = [torch.randn(n, 64, generator=g).to(dtype) for n in (64, 8, 8, 3)]  # q, k, v-like, and an odd one
+    biases = [torch.randn(64, generator=g).to(dtype), None, torch.randn(8, generator=g).to(dtype), None]
+    together = invariant_linears(x, weights, biases)
+    for y, w, b in zip(together, weights, biases, strict=True):
+        assert torch.equal(y, invariant_linear(x, w, b))
+    with pytest.raises(ValueError, match="4 weights and 3 biases"):
+        invariant_linears(x, weights, biases[:3])
 
 
 def _f32(v: Fraction) -> Fraction:
