@@ -26,8 +26,9 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, i.e. at import
 
 import triton.testing  # noqa: E402
-from qwen_ref_kernels import attention, attention_ref, decode_attention, decode_attention_ref  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from qwen_ref_kernels import attention, attention_ref, decode_attention, decode_attention_ref  # noqa: E402
 
 # (peak HBM bytes/s, peak dense fp16/bf16 tensor FLOP/s) by device-name substring, most specific first
 PEAKS = [("H100 PCIe", 2.0e12, 756e12), ("H100 NVL", 3.9e12, 835e12), ("H200", 4.8e12, 989e12),

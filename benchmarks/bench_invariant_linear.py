@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from qwen_ref_kernels.invariant_linear import extension, invariant_linear
 
 HIDDEN, INTERMEDIATE, KV, VOCAB = 896, 4864, 128, 151936

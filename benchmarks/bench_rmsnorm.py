@@ -22,6 +22,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, i.e. at import
 
 import triton.testing  # noqa: E402
+
 from qwen_ref_kernels import rms_norm, rms_norm_ref  # noqa: E402
 
 # peak HBM bandwidth (bytes/s) by device-name substring, most specific first

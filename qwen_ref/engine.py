@@ -106,12 +106,15 @@ def _batched(model, prompts, budget, device):
         cache, logits = cache.repeat(len(prompts)), logits.expand(len(prompts), -1)
     else:
         cache, logits = _prefill(model, prompts, budget, device)
+    return _one_forward(model, cache), logits
 
+
+def _one_forward(model, cache: KVCache):
     def forward(tokens, active, _previous):
         # stopped rows still ride along in the batch but do not advance their cache
         return model(tokens[:, None], cache=cache, num_new=active.long())[:, 0]
 
-    return forward, logits
+    return forward
 
 
 def _invariant_batched(model, prompts, budget, device):
@@ -120,12 +123,7 @@ def _invariant_batched(model, prompts, budget, device):
     if _is_shared(prompts):
         return _batched(model, prompts, budget, device)
     caches, rows = zip(*(_prefill(model, [p], budget, device) for p in prompts))
-    cache = KVCache.stack(caches)
-
-    def forward(tokens, active, _previous):
-        return model(tokens[:, None], cache=cache, num_new=active.long())[:, 0]
-
-    return forward, torch.cat(rows)
+    return _one_forward(model, KVCache.stack(caches)), torch.cat(rows)
 
 
 def _rowwise(model, prompts, budget, device):

@@ -6,6 +6,8 @@ not an nn.Module, so it is never part of a model's state_dict.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .config import QwenConfig
@@ -71,25 +73,28 @@ class KVCache:
         return out
 
     @staticmethod
-    def stack(caches: list[KVCache]) -> KVCache:
-        """One cache whose rows are copies of the given caches' rows, in order (capacity: the largest)."""
-        assert caches, "stack() needs at least one cache"
+    def stack(caches: Sequence[KVCache], rows: Sequence[torch.Tensor] | None = None) -> KVCache:
+        """A new cache holding the chosen rows of each cache (all its rows when rows is None), in order, with the
+        largest capacity. Only the positions the chosen rows hold are copied; the rest are never read."""
+        picks = list(rows) if rows is not None else [torch.arange(c.batch_size, device=c.lengths.device)
+                                                     for c in caches]
+        assert caches and len(picks) == len(caches), "stack() needs one row index per cache"
         capacity = max(c.capacity for c in caches)
-        used = [int(c.lengths.max()) for c in caches]
+        used = [int(c.lengths[r].max()) if len(r) else 0 for c, r in zip(caches, picks)]
 
         def merged(parts: list[torch.Tensor]) -> torch.Tensor:
             _, KV, _, D = parts[0].shape
-            t = parts[0].new_zeros((sum(p.shape[0] for p in parts), KV, capacity, D))  # [B, KV, capacity, D]
-            row = 0
-            for p, n in zip(parts, used):
-                t[row : row + p.shape[0], :, :n] = p[:, :, :n]
-                row += p.shape[0]
+            t = parts[0].new_zeros((sum(len(r) for r in picks), KV, capacity, D))  # [B, KV, capacity, D]
+            start = 0
+            for p, r, n in zip(parts, picks, used):
+                t[start : start + len(r), :, :n] = p[r, :, :n]
+                start += len(r)
             return t
 
         out = object.__new__(KVCache)
         out.k = [merged([c.k[layer] for c in caches]) for layer in range(len(caches[0].k))]
         out.v = [merged([c.v[layer] for c in caches]) for layer in range(len(caches[0].v))]
-        out.lengths = torch.cat([c.lengths for c in caches])
+        out.lengths = torch.cat([c.lengths[r] for c, r in zip(caches, picks)])
         out.capacity = capacity
         return out
 

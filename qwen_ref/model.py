@@ -231,10 +231,12 @@ class QwenForCausalLM(nn.Module):
     def use_invariant_linear(self, on: bool) -> None:
         """Decode steps through the batch-invariant CPU linear (qwen_ref_kernels.invariant_linear), and batched
         decode attention per run of equal-length rows: a row's logits then do not depend on the batch it is in."""
+        if on:
+            from qwen_ref_kernels.invariant_linear import SUPPORTED_WEIGHT_DTYPES
         for name, m in self.named_modules():
             if on and isinstance(m, Linear):
                 w = m.weight
-                if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or not w.is_contiguous():
+                if w.device.type != "cpu" or w.dtype not in SUPPORTED_WEIGHT_DTYPES or not w.is_contiguous():
                     raise ValueError(f"use_invariant_linear: {name}.weight is {w.dtype} on {w.device}"
                                      f"{'' if w.is_contiguous() else ', not contiguous'}; the kernel takes "
                                      "contiguous float32 or bfloat16 CPU weights")

@@ -122,20 +122,6 @@ def _new_cache(model: torch.nn.Module, rows: int, capacity: int) -> KVCache:
     return KVCache(model.config, rows, capacity, dtype=weight.dtype, device=weight.device)
 
 
-def _stack(model: torch.nn.Module, parts: Sequence[tuple[KVCache, torch.Tensor]]) -> KVCache:
-    """A new cache holding the chosen rows of each part, in order."""
-    out = _new_cache(model, sum(len(rows) for _, rows in parts), max(cache.capacity for cache, _ in parts))
-    start = 0
-    for cache, rows in parts:
-        end = start + len(rows)
-        for layer in range(len(out.k)):
-            out.k[layer][start:end, :, : cache.capacity] = cache.k[layer][rows]
-            out.v[layer][start:end, :, : cache.capacity] = cache.v[layer][rows]
-        out.lengths[start:end] = cache.lengths[rows]
-        start = end
-    return out
-
-
 @dataclass
 class Lane:
     """Requests that share one forward pass: their KV cache rows and the logits of each one's next token."""
@@ -153,18 +139,17 @@ class Lane:
         cache = _new_cache(model, len(jobs), int(ids.shape[1]) + max(job.prepared.max_tokens for job in jobs))
         return cls(jobs, cache, model(ids, cache=cache, num_new=lengths, last_only=True)[:, 0])
 
-    def merge(self, model: torch.nn.Module, other: Lane) -> Lane:
-        every = [torch.arange(len(lane.jobs), device=self.logits.device) for lane in (self, other)]
-        cache = _stack(model, [(self.cache, every[0]), (other.cache, every[1])])
-        return Lane(self.jobs + other.jobs, cache, torch.cat([self.logits, other.logits]))
+    def merge(self, other: Lane) -> Lane:
+        return Lane(self.jobs + other.jobs, KVCache.stack([self.cache, other.cache]),
+                    torch.cat([self.logits, other.logits]))
 
-    def keep(self, model: torch.nn.Module, rows: list[int]) -> Lane | None:
+    def keep(self, rows: list[int]) -> Lane | None:
         if len(rows) == len(self.jobs):
             return self
         if not rows:
             return None  # its cache is freed with it
         index = torch.tensor(rows, dtype=torch.long, device=self.logits.device)
-        return Lane([self.jobs[i] for i in rows], _stack(model, [(self.cache, index)]), self.logits[index])
+        return Lane([self.jobs[i] for i in rows], KVCache.stack([self.cache], [index]), self.logits[index])
 
     def advance(self, model: torch.nn.Module, tokens: list[int]) -> None:
         """Feed each row its new token; the logits become those of the token after it."""
@@ -298,7 +283,7 @@ class Engine:
         # exact on a batch-invariant model: each prompt prefilled alone, then all rows decode in one lane
         joined = [Lane.prefill(self.model, [job]) for job in jobs] if self.exact else [Lane.prefill(self.model, jobs)]
         for lane in joined:
-            lanes = [lanes[0].merge(self.model, lane)] if lanes else [lane]
+            lanes = [lanes[0].merge(lane)] if lanes else [lane]
         return lanes
 
     @torch.inference_mode()
@@ -322,7 +307,7 @@ class Engine:
         return lanes
 
     def _keep(self, lanes: list[Lane], wanted: Callable[[Job], bool]) -> list[Lane]:
-        kept = (lane.keep(self.model, [i for i, job in enumerate(lane.jobs) if wanted(job)]) for lane in lanes)
+        kept = (lane.keep([i for i, job in enumerate(lane.jobs) if wanted(job)]) for lane in lanes)
         return [lane for lane in kept if lane is not None]
 
     def _emit(self, job: Job, token: int, now: float) -> bool:

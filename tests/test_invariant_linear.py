@@ -1,4 +1,4 @@
-"""The batch-invariant CPU linear (kernels/invariant_linear.py) against its references.
+"""The batch-invariant CPU linear (qwen_ref_kernels/invariant_linear.py) against its references.
 
 1. Accuracy against float64 (invariant_linear_ref), with the worst-case bound of a float32 dot product:
    |y - ref| <= K * 2**-24 * (|x| @ |w|.T) (+ one bfloat16 rounding of the output, 2**-8 * |y|, for bfloat16).
@@ -16,6 +16,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+
 from qwen_ref_kernels.invariant_linear import invariant_linear, invariant_linear_ref, invariant_linears
 
 SHAPES = [(1, 1), (15, 3), (16, 4), (17, 5), (33, 7), (123, 37), (896, 1152), (4864, 96)]

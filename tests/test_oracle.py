@@ -314,7 +314,10 @@ def test_score_is_the_reference_teacher_forced(ref):
         lp = torch.log_softmax(logits[r["position"] - 1].double(), -1)
         assert r["id"] == "a" and r["token"] == tokens[r["step"]]
         assert r["logprob"] == pytest.approx(float(lp[r["token"]]), abs=1e-5)
-        assert r["rank"] == 1 + int((lp > lp[r["token"]]).sum())
+        # score's logits come from chunked teacher forcing, these from one forward: equal up to float rounding,
+        # so the rank is pinned down up to the logprobs within that rounding of the token's
+        above, near = int((lp > lp[r["token"]] + 1e-5).sum()), int((lp - lp[r["token"]]).abs().le(1e-5).sum())
+        assert 1 + above <= r["rank"] <= above + near
         assert [t["id"] for t in r["top"]] == torch.topk(lp, 3).indices.tolist()
         p = distribution(logits[r["position"] - 1], params, prompt, tokens[: r["step"]])[r["token"]]
         assert r["in_support"] == bool(p > 0)
