@@ -305,8 +305,8 @@ def test_the_repo_has_no_kernels_package_for_transformers_to_find():
     # `python -m pytest`, a folder of that name would be found instead and break `import transformers` models
     code = (
         "import importlib.util, transformers.utils.import_utils as iu\n"
-        "print(importlib.util.find_spec('kernels') is None or 'site-packages' in importlib.util.find_spec('kernels').origin,"
-        " iu.is_kernels_available() in (True, False))\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(spec is None or 'site-packages' in spec.origin, iu.is_kernels_available() in (True, False))\n"
     )
     pytest.importorskip("transformers")
     proc = run_python(code, dict(os.environ))
