@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from qwen_ref.cache import cache_root
+from qwen_ref.checkpoint.tiny import make_tiny_checkpoint
+from qwen_ref.disk_cache import cache_root
 from qwen_ref.engine import generate_ids
-from qwen_ref.loader import load
-from qwen_ref.tiny import make_tiny_checkpoint
+from qwen_ref.qwen import load
 
 PRESETS = ("qwen2.5-0.5b-shape", "qwen1.5-0.5b-shape")
 
@@ -115,7 +115,7 @@ def bench_hf(model, prompts, new_tokens: int, repeats: int) -> tuple[float, floa
 def decode_step_times(model, batch: int, context: int, repeats: int = 5, warmup: int = 2) -> list[float]:
     """ms of each timed decode step (one token per row) against a cache holding `context` positions per row,
     filled with random keys/values: the cost depends on the sizes, not the values."""
-    from qwen_ref.kv_cache import KVCache
+    from qwen_ref.models.kv_cache import KVCache
 
     cache = KVCache(model.config, batch, context + warmup + repeats + 1, dtype=model.lm_head.weight.dtype,
                     device=model.lm_head.weight.device)

@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from qwen_ref.checkpoint.tiny import cached_tiny_checkpoint
+from qwen_ref.checkpoint.weights import load_weights
 from qwen_ref.config import QwenConfig
 from qwen_ref.lora import KEY_PREFIX, OUTPUT_LAYER, LoraAdapter, merge, unmerge
-from qwen_ref.tiny import cached_tiny_checkpoint
-from qwen_ref.weights import load_weights
 
 
 def write_random_adapter(model: nn.Module, out: Path, rank: int, alpha: float, seed: int = 0) -> int:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = Path(tmp) / "adapter"
         with torch.device("meta"):
-            from qwen_ref.model import QwenForCausalLM
+            from qwen_ref.models.qwen2 import QwenForCausalLM
 
             skeleton = QwenForCausalLM(QwenConfig.from_file(ckpt / "config.json"))
         modules = write_random_adapter(skeleton, adapter_dir, args.rank, args.alpha)

@@ -15,9 +15,9 @@ import sys
 
 import torch
 
-from qwen_ref.cache import cache_root
-from qwen_ref.loader import load
-from qwen_ref.tiny import make_tiny_checkpoint
+from qwen_ref.checkpoint.tiny import make_tiny_checkpoint
+from qwen_ref.disk_cache import cache_root
+from qwen_ref.qwen import load
 
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.against_decode:
         from bench_generate import checkpoint  # this folder is on sys.path when run as a script
 
-        from qwen_ref.loader import load
+        from qwen_ref.qwen import load
 
         model = load(checkpoint("qwen2.5-0.5b-shape"), dtype=args.model_dtype).model
     for batch in args.batch:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import PRESETS, checkpoint
 
 from qwen_ref.engine import SamplingChooser, generate_ids
-from qwen_ref.loader import load
+from qwen_ref.qwen import load
 from qwen_ref.sampling import RequestState, SamplingParams
 
 PARAMS = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1}

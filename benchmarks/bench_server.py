@@ -26,7 +26,7 @@ import httpx
 import torch
 
 import qwen_ref
-from qwen_ref.api import generate
+from qwen_ref.workers_ai.generate import generate
 
 
 def _free_port() -> int:

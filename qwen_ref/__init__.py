@@ -1,7 +1,7 @@
 """qwen-ref: a pure-PyTorch reference implementation of the Qwen2-architecture models."""
 
-from .config import QwenConfig
-from .errors import (
+from qwen_ref.config import QwenConfig
+from qwen_ref.errors import (
     CheckpointError,
     ConfigError,
     InvalidSamplingParams,
@@ -9,13 +9,13 @@ from .errors import (
     SourceNotFoundError,
     TokenizerError,
 )
-from .loader import Qwen, load
-from .validate import InvalidInput
+from qwen_ref.qwen import Qwen, load
+from qwen_ref.workers_ai.validate import InvalidInput
 
 
 def generate(qwen, inputs, *, n=1, exact=True):
     """A Workers AI text-generation request in, its result out (see qwen_ref.api.generate)."""
-    from .api import generate as _generate
+    from qwen_ref.workers_ai.generate import generate as _generate
 
     return _generate(qwen, inputs, n=n, exact=exact)
 

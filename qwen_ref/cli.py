@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import QwenRefError
+from qwen_ref.errors import QwenRefError
 
 # flag -> request field, with its type
 PARAM_FLAGS = {
@@ -88,8 +88,8 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .api import generate
-    from .loader import load
+    from qwen_ref.qwen import load
+    from qwen_ref.workers_ai.generate import generate
 
     body = build_request(args)
     qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True, lora=args.lora,
@@ -113,8 +113,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspector import inspect_steps
-    from .loader import load
+    from qwen_ref.qwen import load
+    from qwen_ref.workers_ai.inspect import inspect_steps
 
     body = build_request(args)
     body.pop("stream", None)
@@ -127,7 +127,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _merge_lora(args: argparse.Namespace) -> int:
-    from .lora import write_merged_checkpoint
+    from qwen_ref.lora.core import write_merged_checkpoint
 
     print(write_merged_checkpoint(args.source, args.adapter, args.out))
     return 0
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="the directory to write (HF layout, safetensors)")
     merge.set_defaults(func=_merge_lora)
 
-    from .oracle import add_compare_arguments, add_score_arguments, run_compare, run_score
+    from qwen_ref.oracle.core import add_compare_arguments, add_score_arguments, run_compare, run_score
 
     score = sub.add_parser("score", help="teacher-force token sequences: reference logprobs per position (JSONL)")
     add_score_arguments(score)
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_arguments(compare)
     compare.set_defaults(func=run_compare)
 
-    from .server import add_serve_arguments, run_server
+    from qwen_ref.server.app import add_serve_arguments, run_server
 
     serve = sub.add_parser("serve", help="serve models over HTTP: the Workers AI REST API and OpenAI chat "
                                          "completions (needs pip install 'qwen-ref[serve]')")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from qwen_ref.errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")

@@ -3,8 +3,8 @@
 import argparse
 import sys
 
+from qwen_ref.checkpoint.tiny import PRESETS, make_tiny_checkpoint
 from qwen_ref.errors import QwenRefError
-from qwen_ref.tiny import PRESETS, make_tiny_checkpoint
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_ref.tiny import make_tiny_checkpoint
+from qwen_ref.checkpoint.tiny import make_tiny_checkpoint
 
 TEST_PRESETS = ["qwen1.5", "qwen2.5", "qwen2.5-coder-32b-shape", "yarn", "linear", "dynamic", "sliding"]
 

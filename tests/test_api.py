@@ -9,8 +9,8 @@ import torch
 from transformers import AutoTokenizer
 
 import qwen_ref
-from qwen_ref.api import ContextWindowExceeded, LoraUnavailable, generate
-from qwen_ref.validate import InvalidInput, validate_output
+from qwen_ref.workers_ai.generate import ContextWindowExceeded, LoraUnavailable, generate
+from qwen_ref.workers_ai.validate import InvalidInput, validate_output
 
 SYSTEM = {"role": "system", "content": "You are a friendly assistant"}
 SEED_REQUESTS = [
@@ -67,8 +67,8 @@ def test_same_seed_same_output_and_defaults(qwen25):
 
 
 def test_greedy_equals_the_engine(qwen25):
-    from qwen_ref.detok import detokenize
     from qwen_ref.engine import generate_ids
+    from qwen_ref.tokenizer.detok import detokenize
 
     body = {"prompt": "Hello", "raw": True, "temperature": 0, "max_tokens": 24}
     out = generate(qwen25, body)
@@ -258,7 +258,7 @@ def test_logprobs_extension(qwen25):
 
 
 def test_n_samples_share_the_prefill_and_equal_each_sample_alone(qwen25):
-    from qwen_ref.api import sample_seed
+    from qwen_ref.workers_ai.generate import sample_seed
 
     body = {"prompt": "Tell me all about PEP-8", "max_tokens": 10, "seed": 9999999998, "temperature": 1.3,
             "top_p": 0.95, "repetition_penalty": 1.2}

@@ -11,9 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_ref.chat import ChatTemplateError, TemplateRaisedError, compile_template, render_chat, template_special_tokens
 from qwen_ref.tokenizer import chat_template_text, load_tokenizer
-from qwen_ref.tools import normalize_tools
+from qwen_ref.workers_ai.chat import (
+    ChatTemplateError,
+    TemplateRaisedError,
+    compile_template,
+    render_chat,
+    template_special_tokens,
+)
+from qwen_ref.workers_ai.tools import normalize_tools
 
 FLAT_TOOLS = [
     {

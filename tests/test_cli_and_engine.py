@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import qwen_ref
-from qwen_ref.detok import IncrementalDetokenizer, detokenize
 from qwen_ref.engine import decode, generate_ids
-from qwen_ref.kv_cache import CacheFullError, KVCache
+from qwen_ref.models.kv_cache import CacheFullError, KVCache
+from qwen_ref.tokenizer.detok import IncrementalDetokenizer, detokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_REF = [sys.executable, "-m", "qwen_ref.cli"]

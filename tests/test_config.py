@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 
+from qwen_ref.checkpoint.tiny import PRESETS
 from qwen_ref.config import QwenConfig
 from qwen_ref.errors import ConfigError
-from qwen_ref.tiny import PRESETS
 
 BASE = {
     "model_type": "qwen2",

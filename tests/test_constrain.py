@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import qwen_ref
-from qwen_ref.constrain import (
+from qwen_ref.engine import generate_ids
+from qwen_ref.errors import QwenRefError
+from qwen_ref.sampling.json_mask import (
     JSON_MODE_NOT_MET,
     InvalidJsonSchema,
     JsonConstraint,
@@ -22,8 +24,6 @@ from qwen_ref.constrain import (
     batch_allowed,
     json_schema_of,
 )
-from qwen_ref.engine import generate_ids
-from qwen_ref.errors import QwenRefError
 
 pytest.importorskip("llguidance")
 

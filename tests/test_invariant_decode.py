@@ -18,8 +18,8 @@ from transformers import GenerationConfig
 import qwen_ref
 from qwen_ref.engine import generate_ids
 from qwen_ref.errors import CheckpointError
-from qwen_ref.kv_cache import KVCache
-from qwen_ref.loader import load
+from qwen_ref.models.kv_cache import KVCache
+from qwen_ref.qwen import load
 
 PRESETS = ["qwen2.5", "qwen1.5", "sliding", "dynamic", "yarn"]
 
@@ -147,7 +147,7 @@ def test_server_exact_batching_decodes_the_requests_in_one_forward(tiny):
     import asyncio
 
     from qwen_ref import server
-    from qwen_ref.api import prepare
+    from qwen_ref.workers_ai.generate import prepare
 
     qwen = qwen_ref.load(tiny("qwen1.5"), decode_linear="invariant")
     bodies = [{"prompt": f"request {i}" * (i + 1), "max_tokens": 8 + i, "seed": i + 1, "temperature": 0.9}

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 CHECK = r"""
 import sys, torch, qwen_ref, qwen_ref_kernels
 from qwen_ref.engine import generate_ids
-from qwen_ref.kv_cache import KVCache
+from qwen_ref.models.kv_cache import KVCache
 assert qwen_ref_kernels.INTERPRET
 path = sys.argv[1]
 ref, tri = qwen_ref.load(path), qwen_ref.load(path, kernels="triton")

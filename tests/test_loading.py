@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qwen_ref
+from qwen_ref.checkpoint.weights import INDEX_FILE
 from qwen_ref.errors import CheckpointError, ConfigError, SourceNotFoundError
-from qwen_ref.weights import INDEX_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

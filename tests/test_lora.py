@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwen_ref.checkpoint.weights import load_weights
 from qwen_ref.config import QwenConfig
 from qwen_ref.lora import (
     AdapterNotFoundError,
@@ -21,7 +22,6 @@ from qwen_ref.lora import (
     unmerge,
     write_merged_checkpoint,
 )
-from qwen_ref.weights import load_weights
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -414,7 +414,7 @@ def lora_dir(tiny, tmp_path_factory):
 
 def test_request_lora_equals_loading_the_adapter_merged(tiny, lora_dir):
     import qwen_ref
-    from qwen_ref.api import generate
+    from qwen_ref.workers_ai.generate import generate
 
     body = {"prompt": "Tell me all about PEP-8", "max_tokens": 12, "temperature": 0}
     served = qwen_ref.load(tiny("qwen2.5"), lora_dir=lora_dir)
@@ -431,8 +431,8 @@ def test_request_lora_equals_loading_the_adapter_merged(tiny, lora_dir):
                                                 ("/etc", "lora"), ("a/b", "lora")])
 def test_bad_lora_names_are_clear_errors_and_leave_the_model_unchanged(tiny, lora_dir, name, message):
     import qwen_ref
-    from qwen_ref.api import generate
-    from qwen_ref.validate import InvalidInput
+    from qwen_ref.workers_ai.generate import generate
+    from qwen_ref.workers_ai.validate import InvalidInput
 
     served = qwen_ref.load(tiny("qwen2.5"), lora_dir=lora_dir)
     generate(served, {"prompt": "x", "max_tokens": 1, "lora": "alpha"})
@@ -447,8 +447,8 @@ def test_bad_lora_names_are_clear_errors_and_leave_the_model_unchanged(tiny, lor
 
 def test_a_batch_mixing_adapters_is_refused(tiny, lora_dir):
     import qwen_ref
-    from qwen_ref.api import generate
-    from qwen_ref.validate import InvalidInput
+    from qwen_ref.workers_ai.generate import generate
+    from qwen_ref.workers_ai.validate import InvalidInput
 
     served = qwen_ref.load(tiny("qwen2.5"), lora_dir=lora_dir)
     with pytest.raises(InvalidInput, match="different LoRA adapters"):
@@ -457,7 +457,7 @@ def test_a_batch_mixing_adapters_is_refused(tiny, lora_dir):
 
 def test_lora_on_a_model_without_adapters(tiny):
     import qwen_ref
-    from qwen_ref.api import LoraUnavailable, generate
+    from qwen_ref.workers_ai.generate import LoraUnavailable, generate
 
     with pytest.raises(LoraUnavailable, match="no LoRA adapters are registered"):
         generate(qwen_ref.load(tiny("qwen2.5")), {"prompt": "x", "lora": "alpha"})

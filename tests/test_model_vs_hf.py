@@ -15,8 +15,8 @@ import torch
 from conftest import TEST_PRESETS, hf_model
 
 from qwen_ref.engine import generate_ids
-from qwen_ref.kv_cache import KVCache
-from qwen_ref.loader import load
+from qwen_ref.models.kv_cache import KVCache
+from qwen_ref.qwen import load
 
 FP32_TOL = 1e-4
 

@@ -18,7 +18,6 @@ import pytest
 import torch
 from conftest import hf_model
 
-from qwen_ref.loader import load
 from qwen_ref.oracle import (
     BackendFileError,
     ScoreInputError,
@@ -37,6 +36,7 @@ from qwen_ref.oracle import (
     score,
     transformers_processors,
 )
+from qwen_ref.qwen import load
 from qwen_ref.sampling import SamplingParams, distribution
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]

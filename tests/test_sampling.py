@@ -22,7 +22,6 @@ from transformers.generation.logits_process import (
 )
 
 from qwen_ref.errors import InvalidSamplingParams
-from qwen_ref.rng import draw_words, fresh_seed, philox4x32, uniform, words_to_uniform
 from qwen_ref.sampling import (
     History,
     PenaltyState,
@@ -40,6 +39,7 @@ from qwen_ref.sampling import (
     top_p,
     trace,
 )
+from qwen_ref.sampling.rng import draw_words, fresh_seed, philox4x32, uniform, words_to_uniform
 
 INF = math.inf
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "sampling.md"

@@ -25,9 +25,9 @@ sseclient = pytest.importorskip("sseclient")
 
 import qwen_ref  # noqa: E402
 from qwen_ref import server  # noqa: E402
-from qwen_ref.api import generate, prepare  # noqa: E402
-from qwen_ref.constrain import JsonModeNotMet  # noqa: E402
-from qwen_ref.validate import validate_output  # noqa: E402
+from qwen_ref.sampling.json_mask import JsonModeNotMet  # noqa: E402
+from qwen_ref.workers_ai.generate import generate, prepare  # noqa: E402
+from qwen_ref.workers_ai.validate import validate_output  # noqa: E402
 
 TOKEN = "test-token-123"
 QWEN15 = "@cf/qwen/qwen1.5-0.5b-chat"

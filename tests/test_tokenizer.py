@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import qwen_ref.tokenizer as qt
+import qwen_ref.tokenizer.build as qt
 from qwen_ref.errors import TokenizerError
 from qwen_ref.tokenizer import (
     PRETOKENIZE_REGEX,

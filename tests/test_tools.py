@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_ref.chat import render_chat
 from qwen_ref.tokenizer import chat_template_text
-from qwen_ref.tools import ToolSpecError, check_functions, normalize_tools, parse_tool_calls, tool_names
+from qwen_ref.workers_ai.chat import render_chat
+from qwen_ref.workers_ai.tools import ToolSpecError, check_functions, normalize_tools, parse_tool_calls, tool_names
 
 PARAMS = {"type": "object", "properties": {"city": {"type": "string", "description": "City"}}, "required": ["city"]}
 FLAT = {"name": "weather", "description": "Weather now", "parameters": PARAMS}

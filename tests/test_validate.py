@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from qwen_ref.errors import QwenRefError
-from qwen_ref.validate import (
+from qwen_ref.workers_ai.validate import (
     DEFAULTS,
     InvalidInput,
     InvalidOutput,

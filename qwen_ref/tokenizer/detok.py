@@ -10,7 +10,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable
 
-from .tokenizer import QwenTokenizer
+from qwen_ref.tokenizer.runtime import QwenTokenizer
 
 
 class IncrementalDetokenizer:

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import QwenConfig
-from .kv_cache import KVCache
-from .rope import RotaryEmbedding
+from qwen_ref.config import QwenConfig
+from qwen_ref.models.kv_cache import KVCache
+from qwen_ref.models.rope import RotaryEmbedding
 
 
 class Linear(nn.Linear):

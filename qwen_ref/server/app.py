@@ -32,16 +32,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import models
-from .api import PADDING, ContextWindowExceeded, LoraUnavailable, Prepared, generate, prepare, shape_output
-from .constrain import JsonModeNotMet
-from .detok import IncrementalDetokenizer, detokenize
-from .engine import SamplingChooser, right_pad
-from .errors import QwenRefError
-from .kv_cache import KVCache
-from .loader import Qwen, load
-from .tools import parse_tool_calls
-from .validate import InvalidInput
+import qwen_ref.known_models as models
+from qwen_ref.engine.decode import SamplingChooser, right_pad
+from qwen_ref.errors import QwenRefError
+from qwen_ref.models.kv_cache import KVCache
+from qwen_ref.qwen import Qwen, load
+from qwen_ref.sampling.json_mask import JsonModeNotMet
+from qwen_ref.tokenizer.detok import IncrementalDetokenizer, detokenize
+from qwen_ref.workers_ai.generate import (
+    PADDING,
+    ContextWindowExceeded,
+    LoraUnavailable,
+    Prepared,
+    generate,
+    prepare,
+    shape_output,
+)
+from qwen_ref.workers_ai.tools import parse_tool_calls
+from qwen_ref.workers_ai.validate import InvalidInput
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -111,7 +119,7 @@ class Job:
 
 def _active_adapter(model: torch.nn.Module) -> Any:
     try:
-        from .lora import active_adapter
+        from qwen_ref.lora.core import active_adapter
     except ImportError:  # a qwen_ref without LoRA support
         return None
     return active_adapter(model)
@@ -270,7 +278,7 @@ class Engine:
         """Batched requests bypass generate(), so the adapter a LoRA request merged must not outlive it."""
         if _active_adapter(self.model) is self._loaded_adapter:
             return
-        from . import lora
+        import qwen_ref.lora.core as lora
 
         lora.unmerge(self.model)
         if self._loaded_adapter is not None:

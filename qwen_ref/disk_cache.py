@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import QwenRefError
+from qwen_ref.errors import QwenRefError
 
 
 def cache_root() -> Path:

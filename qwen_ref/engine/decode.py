@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .constrain import batch_allowed
-from .kv_cache import KVCache
-from .model import QwenForCausalLM
-from .sampling import sample
+from qwen_ref.models.kv_cache import KVCache
+from qwen_ref.models.qwen2 import QwenForCausalLM
+from qwen_ref.sampling.json_mask import batch_allowed
+from qwen_ref.sampling.sampler import sample
 
 # choose(logits [B, V] float, active [B] bool, step) -> tokens [B] long
 Chooser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .cache import build_once, cache_root
-from .config import QwenConfig, RopeConfig
-from .errors import QwenRefError
+from qwen_ref.config import QwenConfig, RopeConfig
+from qwen_ref.disk_cache import build_once, cache_root
+from qwen_ref.errors import QwenRefError
 
 QWEN_VOCAB = 151936  # rows of embed/lm_head in Qwen1.5/2/2.5 up to 14B (the tokenizer knows 151665 ids)
 CODER_32B_VOCAB = 152064
@@ -140,7 +140,7 @@ def make_tiny_checkpoint(preset: str, out_dir: str | Path, *, seed: int = 0, dty
     _write_json(out / "config.json", hf_config)
     _write_json(out / "generation_config.json", {**spec.generation, "transformers_version": "4.43.1"})
     if with_tokenizer:
-        from .tokenizer import default_tokenizer_dir
+        from qwen_ref.tokenizer.build import default_tokenizer_dir
 
         for f in sorted(default_tokenizer_dir(spec.flavor).iterdir()):
             if f.is_file():

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InvalidSamplingParams, QwenRefError
-from .kv_cache import KVCache
-from .loader import Qwen
-from .sampling import History, PenaltyState, SamplingParams, distribution, frequency_presence_penalty
-from .sampling import repetition_penalty as apply_repetition_penalty
+from qwen_ref.errors import InvalidSamplingParams, QwenRefError
+from qwen_ref.models.kv_cache import KVCache
+from qwen_ref.qwen import Qwen
+from qwen_ref.sampling.sampler import History, PenaltyState, SamplingParams, distribution, frequency_presence_penalty
+from qwen_ref.sampling.sampler import repetition_penalty as apply_repetition_penalty
 
 FORMATS = ("auto", "openai", "vllm", "llama.cpp", "tgi", "jsonl")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty",
@@ -920,7 +920,7 @@ def _as_sequence(qwen: Qwen, item: Any, where: str) -> _Sequence:
     text, each part tokenized on its own); {"request": Workers AI body, "completion" | "token_ids"} (the chat
     template applied as generate() does; the request's sampling fields become params); {"text"} (every
     position after the first). Optional "params" (sampling fields) and "id"."""
-    from .api import prompt_text
+    from qwen_ref.workers_ai.generate import prompt_text
 
     tok = qwen.tokenizer
     if isinstance(item, (tuple, list)) and len(item) == 2:
@@ -1241,7 +1241,7 @@ class RecordResult:
 
 
 def _prompt_ids(qwen: Qwen, record: BackendRecord) -> list[int]:
-    from .api import prompt_text
+    from qwen_ref.workers_ai.generate import prompt_text
 
     if record.prompt_ids is not None:
         return record.prompt_ids
@@ -1572,7 +1572,7 @@ def make_backend_file_from_transformers(path: str | Path, prompts: Sequence[str 
     per prompt; `model` (a transformers model) and `processors` (SamplingParams -> LogitsProcessorList)
     replace the defaults, which is how tests build faulty backends. Draws use torch.multinomial seeded with
     seed + the prompt's index, so a file is reproducible but not our sampler's draws."""
-    from .tokenizer import load_tokenizer
+    from qwen_ref.tokenizer.runtime import load_tokenizer
 
     checkpoint = Path(checkpoint)
     if model is None:
@@ -1651,7 +1651,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from .loader import load
+    from qwen_ref.qwen import load
 
     if args.top_n < 0:
         raise QwenRefError("--top-n must be >= 0")
@@ -1683,7 +1683,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Prints the summary; exit status 0 when nothing is flagged, 1 when something is."""
-    from .loader import load
+    from qwen_ref.qwen import load
 
     params = None
     if args.params is not None:

@@ -8,17 +8,17 @@ from typing import Any
 
 import torch
 
-from .api import prepare
-from .errors import QwenRefError
-from .kv_cache import KVCache
-from .loader import Qwen
-from .sampling import Trace, format_trace, trace
+from qwen_ref.errors import QwenRefError
+from qwen_ref.models.kv_cache import KVCache
+from qwen_ref.qwen import Qwen
+from qwen_ref.sampling.sampler import Trace, format_trace, trace
+from qwen_ref.workers_ai.generate import prepare
 
 
 @torch.inference_mode()
 def traces(qwen: Qwen, request: dict[str, Any], steps: int, top: int = 10) -> Iterator[Trace]:
     """A Trace per step; each step continues with the token the request's own draw picks (seed, step)."""
-    from .constrain import batch_allowed
+    from qwen_ref.sampling.json_mask import batch_allowed
 
     p = prepare(qwen, request)
     state = p.state

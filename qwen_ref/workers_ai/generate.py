@@ -13,12 +13,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .detok import IncrementalDetokenizer, detokenize
-from .engine import SamplingChooser, decode
-from .errors import InvalidSamplingParams, QwenRefError
-from .loader import Qwen
-from .sampling import RequestState, SamplingParams
-from .validate import InvalidInput, validate_input, with_defaults
+from qwen_ref.engine.decode import SamplingChooser, decode
+from qwen_ref.errors import InvalidSamplingParams, QwenRefError
+from qwen_ref.qwen import Qwen
+from qwen_ref.sampling.sampler import RequestState, SamplingParams
+from qwen_ref.tokenizer.detok import IncrementalDetokenizer, detokenize
+from qwen_ref.workers_ai.validate import InvalidInput, validate_input, with_defaults
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty",
                    "presence_penalty", "max_tokens")
@@ -68,8 +68,8 @@ def _bad(where: str, path: str, rule: str, detail: str) -> InvalidInput:
 
 def prompt_text(qwen: Qwen, inputs: dict[str, Any], where: str = "") -> tuple[str, set[str]]:
     """The text the model reads, and the names of the offered tools."""
-    from .chat import ChatTemplateError, render_chat, template_special_tokens
-    from .tools import ToolSpecError, check_functions, normalize_tools, tool_names
+    from qwen_ref.workers_ai.chat import ChatTemplateError, render_chat, template_special_tokens
+    from qwen_ref.workers_ai.tools import ToolSpecError, check_functions, normalize_tools, tool_names
 
     tok = qwen.tokenizer
     try:
@@ -118,7 +118,7 @@ def prepare(qwen: Qwen, inputs: Any, where: str = "") -> Prepared:
         raise _bad(where, f"/{field_name}", "range", str(e)) from None
     constraint = None
     if body.get("response_format") is not None:
-        from .constrain import InvalidJsonSchema, JsonConstraint
+        from qwen_ref.sampling.json_mask import InvalidJsonSchema, JsonConstraint
 
         try:
             constraint = JsonConstraint.from_response_format(body["response_format"], qwen.tokenizer,
@@ -139,7 +139,7 @@ def _adapter(qwen: Qwen, name: str | None, where: str) -> Any:
     if qwen.adapters is None:
         raise LoraUnavailable(f"lora: {name!r}: no LoRA adapters are registered for {model_id} "
                               "(load it with lora_dir=DIR, or serve it with --lora-dir DIR)")
-    from .lora import LoraError
+    from qwen_ref.lora.core import LoraError
 
     try:
         return qwen.adapters.get(name)
@@ -189,7 +189,7 @@ def logprob_records(qwen: Qwen, infos: list[Any]) -> list[dict[str, Any]]:
 
 def shape_output(qwen: Qwen, p: Prepared, tokens: list[int], infos: list[Any] | None = None) -> dict[str, Any]:
     """The non-stream result object for one finished request."""
-    from .tools import parse_tool_calls
+    from qwen_ref.workers_ai.tools import parse_tool_calls
 
     text = detokenize(qwen.tokenizer, tokens)
     out: dict[str, Any] = {}
@@ -252,7 +252,7 @@ def _padding() -> str:
 
 
 def _stream(qwen: Qwen, p: Prepared) -> Iterator[bytes]:
-    from .tools import parse_tool_calls
+    from qwen_ref.workers_ai.tools import parse_tool_calls
 
     detok = IncrementalDetokenizer(qwen.tokenizer)
     tokens: list[int] = []

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InvalidSamplingParams, QwenRefError
-from .rng import SEED_MAX, SEED_MIN, fresh_seed, uniform
+from qwen_ref.errors import InvalidSamplingParams, QwenRefError
+from qwen_ref.sampling.rng import SEED_MAX, SEED_MIN, fresh_seed, uniform
 
 NEG_INF = float("-inf")
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import QwenConfig
-from .errors import QwenRefError
+from qwen_ref.config import QwenConfig
+from qwen_ref.errors import QwenRefError
 
 
 class CacheFullError(QwenRefError, ValueError):

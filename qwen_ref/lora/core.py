@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, QwenRefError
-from .weights import read_safetensors_header, read_tensor
+from qwen_ref.checkpoint.weights import read_safetensors_header, read_tensor
+from qwen_ref.errors import CheckpointError, QwenRefError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -739,9 +739,9 @@ def write_merged_checkpoint(source: str | os.PathLike[str], adapter: LoraAdapter
     Weights stay in the source's dtype. A tied model whose adapter makes lm_head differ from embed_tokens is
     written untied (both tensors, tie_word_embeddings false).
     """
-    from .config import QwenConfig
-    from .loader import resolve_source
-    from .weights import load_weights, parse_dtype
+    from qwen_ref.checkpoint.sources import resolve_source
+    from qwen_ref.checkpoint.weights import load_weights, parse_dtype
+    from qwen_ref.config import QwenConfig
 
     src, _ = resolve_source(source)
     adapter = resolve_adapter(adapter)

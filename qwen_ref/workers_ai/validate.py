@@ -22,7 +22,7 @@ from jsonschema import Draft202012Validator, ValidationError
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from .errors import QwenRefError
+from qwen_ref.errors import QwenRefError
 
 BAD_INPUT_CODE = 5006  # the service's error code for a request that fails its schema
 ROLES = ("system", "user", "assistant", "tool")  # the roles the Qwen chat templates render
@@ -364,7 +364,9 @@ def _tool_calls_failure(tool_calls: Any) -> str | None:
 def _json_mode_failure(response: Any, response_format: Mapping[str, Any]) -> str | None:
     if response_format.get("type") == "json_object":
         return None if isinstance(response, dict) else f"/response: JSON mode needs an object, got {_show(response)}"
-    from .constrain import json_schema_of  # unwraps OpenAI's {"name", "schema"} form; needs no llguidance
+    from qwen_ref.sampling.json_mask import (
+        json_schema_of,  # unwraps OpenAI's {"name", "schema"} form; needs no llguidance
+    )
 
     schema = json_schema_of(response_format)[0]
     return _schema_failure(validator_for(schema, default=Draft202012Validator)(schema), response, ("response",))

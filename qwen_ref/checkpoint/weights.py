@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import QwenConfig
-from .errors import CheckpointError
-from .model import QwenForCausalLM
+from qwen_ref.config import QwenConfig
+from qwen_ref.errors import CheckpointError
+from qwen_ref.models.qwen2 import QwenForCausalLM
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .config import QwenConfig, RopeConfig
+from qwen_ref.config import QwenConfig, RopeConfig
 
 
 def _base_inv_freq(base: float | torch.Tensor, dim: int) -> torch.Tensor:

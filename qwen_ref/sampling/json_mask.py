@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from .errors import QwenRefError
+from qwen_ref.errors import QwenRefError
 
 if TYPE_CHECKING:
     import llguidance
 
-    from .tokenizer import QwenTokenizer
+    from qwen_ref.tokenizer.runtime import QwenTokenizer
 
 JSON_MODE_NOT_MET = "JSON Mode couldn't be met"  # the service's message, word for word
 

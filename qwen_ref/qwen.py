@@ -4,32 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import models
-from .config import QwenConfig
-from .errors import CheckpointError, SourceNotFoundError
-from .model import QwenForCausalLM
-from .weights import load_weights, parse_dtype
-
-# What a hub download fetches: configs, weights, tokenizer. Never pickle files.
-HUB_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "model-*.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+from qwen_ref import known_models
+from qwen_ref.checkpoint.sources import resolve_source
+from qwen_ref.checkpoint.weights import load_weights, parse_dtype
+from qwen_ref.config import QwenConfig
+from qwen_ref.errors import CheckpointError
+from qwen_ref.models.qwen2 import QwenForCausalLM
 
 
 @dataclass
@@ -39,7 +25,7 @@ class Qwen:
     config: QwenConfig
     path: Path
     generation_config: dict[str, Any] = field(default_factory=dict)
-    known: models.KnownModel | None = None
+    known: known_models.KnownModel | None = None
     adapters: Any = None  # qwen_ref.lora.AdapterRegistry: named adapters a request's `lora` selects
     default_adapter: Any = None  # qwen_ref.lora.LoraAdapter merged at load time, active when a request names none
 
@@ -61,68 +47,6 @@ class Qwen:
             if eos is not None and eos not in ids:
                 ids.append(eos)
         return tuple(ids)
-
-
-def resolve_source(source: str | os.PathLike[str]) -> tuple[Path, models.KnownModel | None]:
-    """A local directory for source: "tiny[:PRESET]", a directory, a Workers AI id or a hub repo id."""
-    text = os.fspath(source)
-    if text == "tiny" or text.startswith("tiny:"):
-        from .tiny import DEFAULT_PRESET, PRESETS, cached_tiny_checkpoint
-
-        preset = text.partition(":")[2] or DEFAULT_PRESET
-        if preset not in PRESETS:
-            raise SourceNotFoundError(f"source: {text!r}: unknown tiny preset; allowed: "
-                                      + ", ".join(f"tiny:{p}" for p in PRESETS))
-        return cached_tiny_checkpoint(preset), None
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path, None
-    if path.exists():
-        raise SourceNotFoundError(f"source: {text!r} is a file; pass the checkpoint directory that contains it")
-    known = None
-    if text.startswith("@cf/"):
-        known = models.lookup(text)
-        if known is None:
-            raise SourceNotFoundError(
-                f"source: {text!r} is not a known Workers AI model; allowed: {', '.join(models.KNOWN_MODELS)}"
-            )
-        text = known.hf_repo
-    if not _REPO_ID.match(text):
-        raise SourceNotFoundError(
-            f"source: {text!r} is neither a directory, 'tiny', a Workers AI id (@cf/qwen/...) nor a hub repo id "
-            "(org/name)"
-        )
-    return _download(text), known
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    try:
-        path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
-        raise SourceNotFoundError(f"source: hub repo {repo_id!r} cannot be fetched ({type(e).__name__}); "
-                                  "check the name and your HF token (huggingface-cli login)") from None
-    except LocalEntryNotFoundError:
-        raise SourceNotFoundError(
-            f"source: {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}; download it where there is network "
-            f"(huggingface-cli download {repo_id}) or pass a local checkpoint directory"
-        ) from None
-    except OSError as e:  # connection errors are OSErrors in requests/httpx
-        raise SourceNotFoundError(f"source: {repo_id!r}: hub download failed ({e}); pass a local directory or "
-                                  "retry with network") from None
-    if not (path / "config.json").is_file():
-        raise SourceNotFoundError(f"source: {repo_id!r}: the cached snapshot {path} has no config.json "
-                                  "(an incomplete earlier download?); download it again with network")
-    return path
 
 
 def _use_triton(kernels: str, device: torch.device) -> bool:
@@ -177,7 +101,7 @@ def load(
     named adapters that a request's `lora` field selects (see docs/lora.md).
     decode_linear: "torch" (BLAS; decode logits bit-equal to transformers) or "invariant" (the batch-invariant
     CPU kernel: exact batched decoding at batch speed, and bfloat16 at memory speed; see docs/performance.md)."""
-    from .tokenizer import load_tokenizer
+    from qwen_ref.tokenizer.runtime import load_tokenizer
 
     path, known = resolve_source(source)
     config = QwenConfig.from_file(path / "config.json")
@@ -200,7 +124,7 @@ def load(
     generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
     registry = default = None
     if lora_dir is not None or lora is not None:
-        from .lora import AdapterRegistry, merge, resolve_adapter
+        from qwen_ref.lora.core import AdapterRegistry, merge, resolve_adapter
 
         registry = AdapterRegistry(lora_dir) if lora_dir is not None else None
         if lora is not None:
