@@ -1,4 +1,4 @@
-"""The qwen-ref command line: run (the Workers AI request contract) and inspect (the sampler, stage by stage)."""
+"""The qwen-ref command line: run | inspect | serve | score | compare | merge-lora, with one set of load flags."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qwen_ref.dtypes import DTYPES
 from qwen_ref.errors import QwenRefError
+from qwen_ref.lora import write_merged_checkpoint
+from qwen_ref.models.backends import DECODE_LINEARS, KERNELS
+from qwen_ref.oracle import add_compare_arguments, add_score_arguments, run_compare, run_score
+from qwen_ref.qwen import Qwen, load
+from qwen_ref.server.cli import add_serve_arguments, run_server
+from qwen_ref.workers_ai.generate import generate
+from qwen_ref.workers_ai.inspect import inspect_steps
 
 # flag -> request field, with its type
 PARAM_FLAGS = {
@@ -33,17 +41,31 @@ def _read_json(source: str, what: str) -> Any:
         raise QwenRefError(f"{what}: {source!r} is not valid JSON ({e})") from None
 
 
-def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="'tiny' (the embedded default model), 'tiny:PRESET', a checkpoint directory, "
-                                  "a hub repo id (Qwen/Qwen2.5-0.5B-Instruct) or a Workers AI id (@cf/qwen/...)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
-                   help="compute dtype (default: the checkpoint's torch_dtype)")
+def add_load_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
+    """The model-loading flags every command that loads a model shares: qwen_ref.load's options."""
+    if source:
+        p.add_argument("source", help="'tiny' (the embedded default model), 'tiny:PRESET', a checkpoint directory, "
+                                      "a hub repo id (Qwen/Qwen2.5-0.5B-Instruct) or a Workers AI id (@cf/qwen/...)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="compute dtype (default: the checkpoint's torch_dtype); float64 is ground truth")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lora", default=None, help="a LoRA adapter directory (or a name in --lora-dir) to merge")
     p.add_argument("--lora-dir", default=None, help="a directory of named LoRA adapters for the request's lora")
-    p.add_argument("--decode-linear", choices=["torch", "invariant"], default="torch",
+    p.add_argument("--kernels", choices=list(KERNELS), default="torch",
+                   help="torch (default): the PyTorch ops; triton: the Triton kernels; auto: triton on CUDA")
+    p.add_argument("--decode-linear", choices=list(DECODE_LINEARS), default="torch",
                    help="torch (default): BLAS, decode logits bit-equal to transformers; invariant: the "
                         "batch-invariant CPU kernel (faster in bfloat16; see docs/performance.md)")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """qwen_ref.load's keyword arguments from the shared load flags."""
+    return {"device": args.device, "dtype": args.dtype, "lora": args.lora, "lora_dir": args.lora_dir,
+            "kernels": args.kernels, "decode_linear": args.decode_linear}
+
+
+def _load(args: argparse.Namespace) -> Qwen:
+    return load(args.source, progress=True, **load_options(args))
 
 
 def _add_request_args(p: argparse.ArgumentParser) -> None:
@@ -88,12 +110,8 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qwen_ref.qwen import load
-    from qwen_ref.workers_ai.generate import generate
-
     body = build_request(args)
-    qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True, lora=args.lora,
-                lora_dir=args.lora_dir, decode_linear=args.decode_linear)
+    qwen = _load(args)
     out = generate(qwen, body)
     if not body.get("stream"):
         print(json.dumps(out, ensure_ascii=False, indent=2))
@@ -113,13 +131,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from qwen_ref.qwen import load
-    from qwen_ref.workers_ai.inspect import inspect_steps
-
     body = build_request(args)
     body.pop("stream", None)
-    qwen = load(args.source, device=args.device, dtype=args.dtype, progress=True, lora=args.lora,
-                lora_dir=args.lora_dir, decode_linear=args.decode_linear)
+    qwen = _load(args)
     for table in inspect_steps(qwen, body, steps=args.steps, top=args.top, plot=args.plot):
         print(table)
         print()
@@ -127,8 +141,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _merge_lora(args: argparse.Namespace) -> int:
-    from qwen_ref.lora.core import write_merged_checkpoint
-
     print(write_merged_checkpoint(args.source, args.adapter, args.out))
     return 0
 
@@ -138,13 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one Workers AI request (prints the output JSON, or streams text)")
-    _add_source_args(run)
+    add_load_arguments(run)
     _add_request_args(run)
     run.add_argument("--stream", action="store_true", help="stream the text as it is generated (SSE)")
     run.set_defaults(func=_run)
 
     ins = sub.add_parser("inspect", help="show the next-token distribution after every sampler stage")
-    _add_source_args(ins)
+    add_load_arguments(ins)
     _add_request_args(ins)
     ins.add_argument("--steps", type=int, default=1, help="how many tokens to trace (default 1)")
     ins.add_argument("--top", type=int, default=10, help="candidates shown per stage (default 10)")
@@ -158,22 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="the directory to write (HF layout, safetensors)")
     merge.set_defaults(func=_merge_lora)
 
-    from qwen_ref.oracle.core import add_compare_arguments, add_score_arguments, run_compare, run_score
-
     score = sub.add_parser("score", help="teacher-force token sequences: reference logprobs per position (JSONL)")
+    add_load_arguments(score)
     add_score_arguments(score)
-    score.set_defaults(func=run_score)
+    score.set_defaults(func=lambda args: run_score(args, lambda: _load(args)))
     compare = sub.add_parser("compare", help="check another backend's generations and logprobs against the "
                                              "reference; exit 1 when a position is flagged")
+    add_load_arguments(compare)
     add_compare_arguments(compare)
-    compare.set_defaults(func=run_compare)
-
-    from qwen_ref.server.app import add_serve_arguments, run_server
+    compare.set_defaults(func=lambda args: run_compare(args, lambda: _load(args)))
 
     serve = sub.add_parser("serve", help="serve models over HTTP: the Workers AI REST API and OpenAI chat "
                                          "completions (needs pip install 'qwen-ref[serve]')")
     add_serve_arguments(serve)
-    serve.set_defaults(func=run_server)
+    add_load_arguments(serve, source=False)
+    serve.set_defaults(func=lambda args: run_server(args, load_options(args)))
     return parser
 
 

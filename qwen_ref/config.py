@@ -8,11 +8,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from qwen_ref.dtypes import DTYPES
 from qwen_ref.errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 # Keys a rope dict may carry, per type. "type"/"rope_type" and "rope_theta" are handled separately.
 _ROPE_KEYS = {

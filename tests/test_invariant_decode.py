@@ -44,7 +44,7 @@ def _hf_logits(hf, prompt, feed) -> torch.Tensor:
 def test_decode_steps_match_transformers_fp32(tiny, preset):
     path = tiny(preset)
     ours = load(path, decode_linear="invariant").model
-    assert ours.invariant_decode and ours.lm_head.invariant
+    assert ours.backends.batch_invariant and ours.backends.name == "invariant"
     # 44 positions: within the dynamic preset's 48, where one full forward and stepwise decoding use the same rope
     prompt, feed = list(range(3, 40)), [5, 99, 1000, 7, 7, 42, 64]
     a = _step_logits(ours, prompt, feed, torch.float32).double()

@@ -9,7 +9,6 @@ report's "first flagged position" is checked against knowledge that does not com
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -18,21 +17,18 @@ import pytest
 import torch
 from conftest import hf_model
 
+from qwen_ref.cli import main as cli_main
 from qwen_ref.oracle import (
     BackendFileError,
     ScoreInputError,
     Thresholds,
     TokenMap,
-    add_compare_arguments,
-    add_score_arguments,
     compare,
     make_backend_file_from_transformers,
     next_token_logits,
     raw_logprobs,
     read_backend_file,
     read_backend_object,
-    run_compare,
-    run_score,
     score,
     transformers_processors,
 )
@@ -506,19 +502,14 @@ def test_unmapped_token_stops_the_comparison_and_is_reported(ref):
 def test_cli_compare_and_score(ckpt, clean_file, tmp_path, capsys):
     one = tmp_path / "one.jsonl"
     one.write_text(clean_file.read_text().splitlines()[1] + "\n")
-    parser = argparse.ArgumentParser()
-    add_compare_arguments(parser)
-    args = parser.parse_args([str(ckpt), "--backend", str(one), "--output", str(tmp_path / "d.jsonl"),
-                              "--plot", str(tmp_path / "p.png")])
-    assert run_compare(args) == 0
+    assert cli_main(["compare", str(ckpt), "--backend", str(one), "--output", str(tmp_path / "d.jsonl"),
+                     "--plot", str(tmp_path / "p.png")]) == 0
     assert "flagged: 0" in capsys.readouterr().out and (tmp_path / "p.png").is_file()
-    args = parser.parse_args([str(ckpt), "--backend", str(one), "--tolerance", "1e-9"])
-    assert run_compare(args) == 1  # float32 noise exceeds 1e-9: flagged, exit status 1
+    # float32 noise exceeds 1e-9: flagged, exit status 1
+    assert cli_main(["compare", str(ckpt), "--backend", str(one), "--tolerance", "1e-9"]) == 1
     (tmp_path / "seq.jsonl").write_text(json.dumps({"prompt": "Hello", "completion": ", world"}) + "\n")
-    parser = argparse.ArgumentParser()
-    add_score_arguments(parser)
     out = tmp_path / "scores.jsonl"
-    assert run_score(parser.parse_args([str(ckpt), "--input", str(tmp_path / "seq.jsonl"), "--output", str(out),
-                                        "--top-n", "2"])) == 0
+    assert cli_main(["score", str(ckpt), "--input", str(tmp_path / "seq.jsonl"), "--output", str(out),
+                     "--top-n", "2"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["token"] for r in rows] == [11, 1879] and len(rows[0]["top"]) == 2

@@ -383,11 +383,9 @@ def test_a_non_streamed_client_that_hangs_up_frees_its_slot(srv):
 
 
 def test_binds_loopback_by_default():
-    import argparse
+    from qwen_ref.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    server.add_serve_arguments(parser)
-    args = parser.parse_args(["tiny"])
+    args = build_parser().parse_args(["serve", "tiny"])
     assert (args.host, args.batching, args.api_token) == ("127.0.0.1", "exact", None)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qwen_ref.config import QwenConfig
+from qwen_ref.dtypes import DTYPES
 from qwen_ref.errors import CheckpointError
 from qwen_ref.models.qwen2 import QwenForCausalLM
 
@@ -26,8 +27,6 @@ SAFETENSORS_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-               "float64": torch.float64}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024
@@ -48,13 +47,13 @@ def parse_dtype(dtype: str | torch.dtype | None, config: QwenConfig) -> torch.dt
     if dtype is None:
         dtype = config.torch_dtype or "float32"
     if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPE_NAMES.values():
-            raise CheckpointError(f"dtype: {dtype} is not supported; allowed: {', '.join(DTYPE_NAMES)}")
+        if dtype not in DTYPES.values():
+            raise CheckpointError(f"dtype: {dtype} is not supported; allowed: {', '.join(DTYPES)}")
         return dtype
     name = dtype.removeprefix("torch.")
-    if name not in DTYPE_NAMES:
-        raise CheckpointError(f"dtype: {dtype!r} is not supported; allowed: {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[name]
+    if name not in DTYPES:
+        raise CheckpointError(f"dtype: {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:

@@ -67,7 +67,7 @@ def decode(
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     budget = torch.tensor(budgets, dtype=torch.long, device=device)
     active = budget > 0
-    if batch_invariant and len(prompts) > 1 and not model.invariant_decode:
+    if batch_invariant and len(prompts) > 1 and not model.backends.batch_invariant:
         forward, logits = _rowwise(model, prompts, max(budgets), device)
     elif batch_invariant and len(prompts) > 1:
         forward, logits = _invariant_batched(model, prompts, max(budgets), device)

@@ -1,12 +1,20 @@
-"""A static, preallocated KV cache for a batch of sequences that each have their own length.
+"""KV caches: what a forward reads and extends.
 
-Keys are stored already rotated (RoPE is applied before the write, as in HF). The cache is a plain object,
-not an nn.Module, so it is never part of a model's state_dict.
+Keys are stored already rotated (RoPE is applied before the write, as in HF). Caches are plain objects, not
+nn.Modules, so they are never part of a model's state_dict. The model talks to a cache through three calls:
+`positions(T)` (where the next T tokens of each row go), `update(layer, positions, k, v)` (store them, and
+get back the key groups attention reads) and `advance(num_new)`.
+
+KVCache is a batch of rows in one padded tensor per layer, as HF's cache: rows of different lengths attend
+over the longest row's keys, with a mask. It can grow. RowCaches is a batch whose rows each keep their own
+one-row KVCache, as the engine holds them: each row attends over exactly its own keys, which is the
+arithmetic of the row run alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +24,25 @@ from qwen_ref.errors import QwenRefError
 
 class CacheFullError(QwenRefError, ValueError):
     """A forward would write past the cache's capacity."""
+
+
+@dataclass
+class KeyGroup:
+    """Rows first:end of a forward and the keys/values they attend over, [end - first, KV, S, D].
+    exact_rows: each row's queries are the last T of its S keys (no padding beyond its length), so attention needs
+    no positions; else the forward's positions [B, T] give each row's causal mask."""
+
+    first: int
+    end: int
+    k: torch.Tensor
+    v: torch.Tensor
+    exact_rows: bool
+
+
+def bytes_per_token(config: QwenConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one token takes: keys and values of every layer."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
 
 
 class KVCache:
@@ -30,7 +57,7 @@ class KVCache:
     ):
         if batch_size < 1 or capacity < 1:
             raise ValueError(f"KVCache: batch_size={batch_size} and capacity={capacity} must both be >= 1")
-        shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
+        shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)  # [B, KV, capacity, D]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         # lengths[b]: how many positions of row b hold real keys (= the position of its next token)
@@ -41,6 +68,10 @@ class KVCache:
     def batch_size(self) -> int:
         return self.lengths.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
+
     def positions(self, num_tokens: int) -> torch.Tensor:
         """Positions [B, T] of the next num_tokens tokens of every row."""
         if int(self.lengths.max()) + num_tokens > self.capacity:
@@ -50,41 +81,67 @@ class KVCache:
             )
         return self.lengths[:, None] + torch.arange(num_tokens, device=self.lengths.device)
 
-    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Store k/v [B, KV, T, D] at positions [B, T]; returns how many leading positions attention must read."""
-        rows = torch.arange(self.batch_size, device=positions.device)[:, None]  # [B, 1]
-        # advanced indices on dims 0 and 2 move to the front: the target view is [B, T, KV, D]
-        self.k[layer][rows, :, positions] = k.transpose(1, 2)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2)
-        return int(positions[:, -1].max()) + 1
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[KeyGroup]:
+        """Store k/v [B, KV, T, D] at positions [B, T]; all rows attend over the keys up to the furthest write."""
+        if self.batch_size == 1:  # one row: its positions are consecutive
+            start, T = int(positions[0, 0]), positions.shape[1]
+            self.k[layer][:, :, start : start + T] = k
+            self.v[layer][:, :, start : start + T] = v
+        else:
+            rows = torch.arange(self.batch_size, device=positions.device)[:, None]  # [B, 1]
+            # advanced indices on dims 0 and 2 move to the front: the target view is [B, T, KV, D]
+            self.k[layer][rows, :, positions] = k.transpose(1, 2)
+            self.v[layer][rows, :, positions] = v.transpose(1, 2)
+        num_keys = int(positions[:, -1].max()) + 1
+        return [KeyGroup(0, self.batch_size, self.k[layer][:, :, :num_keys], self.v[layer][:, :, :num_keys], False)]
 
     def advance(self, num_new: torch.Tensor | int) -> None:
         """Mark num_new [B] (or one count for all rows) of the written positions as real."""
         self.lengths += num_new
 
-    def repeat(self, n: int) -> KVCache:
-        """A cache of n rows, each a copy of this one-row cache (a shared prompt, prefilled once)."""
-        assert self.batch_size == 1, "repeat() copies a single row"
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` positions per row; the positions in use keep their keys."""
+        if capacity <= self.capacity:
+            return
+        used = int(self.lengths.max())
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            B, KV, _, D = t.shape
+            out = t.new_zeros((B, KV, capacity, D))  # [B, KV, capacity, D]
+            out[:, :, :used] = t[:, :, :used]
+            return out
+
+        self.k = [grown(t) for t in self.k]
+        self.v = [grown(t) for t in self.v]
+        self.capacity = capacity
+
+    def clone(self) -> KVCache:
+        """A copy holding the positions in use (n samples of one prompt start from copies of its cache)."""
+        used = int(self.lengths.max())
         out = object.__new__(KVCache)
-        out.k = [t.repeat(n, 1, 1, 1) for t in self.k]  # always a copy, also for n = 1
+        out.k = [t[:, :, :used].clone() for t in self.k]
+        out.v = [t[:, :, :used].clone() for t in self.v]
+        out.lengths = self.lengths.clone()
+        out.capacity = used
+        return out
+
+    def repeat(self, n: int) -> KVCache:  # TODO(#13): removed with the old engine
+        out = object.__new__(KVCache)
+        out.k = [t.repeat(n, 1, 1, 1) for t in self.k]
         out.v = [t.repeat(n, 1, 1, 1) for t in self.v]
         out.lengths = self.lengths.expand(n).clone()
         out.capacity = self.capacity
         return out
 
     @staticmethod
-    def stack(caches: Sequence[KVCache], rows: Sequence[torch.Tensor] | None = None) -> KVCache:
-        """A new cache holding the chosen rows of each cache (all its rows when rows is None), in order, with the
-        largest capacity. Only the positions the chosen rows hold are copied; the rest are never read."""
-        picks = list(rows) if rows is not None else [torch.arange(c.batch_size, device=c.lengths.device)
-                                                     for c in caches]
-        assert caches and len(picks) == len(caches), "stack() needs one row index per cache"
+    def stack(caches, rows=None) -> KVCache:  # TODO(#13): removed with the old engine
+        picks = list(rows) if rows is not None else [torch.arange(c.batch_size) for c in caches]
         capacity = max(c.capacity for c in caches)
         used = [int(c.lengths[r].max()) if len(r) else 0 for c, r in zip(caches, picks)]
 
-        def merged(parts: list[torch.Tensor]) -> torch.Tensor:
+        def merged(parts):
             _, KV, _, D = parts[0].shape
-            t = parts[0].new_zeros((sum(len(r) for r in picks), KV, capacity, D))  # [B, KV, capacity, D]
+            t = parts[0].new_zeros((sum(len(r) for r in picks), KV, capacity, D))
             start = 0
             for p, r, n in zip(parts, picks, used):
                 t[start : start + len(r), :, :n] = p[r, :, :n]
@@ -92,15 +149,37 @@ class KVCache:
             return t
 
         out = object.__new__(KVCache)
-        out.k = [merged([c.k[layer] for c in caches]) for layer in range(len(caches[0].k))]
-        out.v = [merged([c.v[layer] for c in caches]) for layer in range(len(caches[0].v))]
+        out.k = [merged([c.k[i] for c in caches]) for i in range(len(caches[0].k))]
+        out.v = [merged([c.v[i] for c in caches]) for i in range(len(caches[0].v))]
         out.lengths = torch.cat([c.lengths[r] for c, r in zip(caches, picks)])
         out.capacity = capacity
         return out
 
-    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
-        """Forget rows (all rows when None); their stale keys are masked by position and overwritten."""
-        if rows is None:
-            self.lengths.zero_()
-        else:
-            self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
+
+class RowCaches:
+    """A batch of rows, each with its own one-row KVCache (its own length and capacity)."""
+
+    def __init__(self, caches: Sequence[KVCache]):
+        assert caches and all(c.batch_size == 1 for c in caches), "RowCaches takes one-row caches"
+        self.caches = list(caches)
+        self.lengths = torch.cat([c.lengths for c in self.caches])
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.caches)
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        return torch.cat([c.positions(num_tokens) for c in self.caches])  # [B, T]
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[KeyGroup]:
+        groups = []
+        for row, cache in enumerate(self.caches):
+            (g,) = cache.update(layer, positions[row : row + 1], k[row : row + 1], v[row : row + 1])
+            groups.append(KeyGroup(row, row + 1, g.k, g.v, True))
+        return groups
+
+    def advance(self, num_new: torch.Tensor | int) -> None:
+        counts = num_new.tolist() if isinstance(num_new, torch.Tensor) else [num_new] * len(self.caches)
+        for cache, n in zip(self.caches, counts):
+            cache.advance(n)
+        self.lengths = torch.cat([c.lengths for c in self.caches])

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qwen_ref.dtypes import dtype_name
 from qwen_ref.errors import InvalidSamplingParams, QwenRefError
 from qwen_ref.models.kv_cache import KVCache
 from qwen_ref.qwen import Qwen
@@ -101,10 +102,6 @@ class Thresholds:
     def describe(self) -> str:
         return (f"|dlogprob| {self.logprob:g}, KL {self.kl:.3g}, top_k margin {self.support_logit:g}, "
                 f"top_p mass {self.support_mass:g}/T")
-
-
-def dtype_name(dtype: torch.dtype | str | None) -> str:
-    return str(dtype or "float32").removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1633,16 +1630,8 @@ class _open_output:
 # The command line: qwen-ref score / qwen-ref compare
 
 
-def _add_reference_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="the reference: 'tiny', 'tiny:PRESET', a checkpoint directory, a hub repo "
-                                       "id or a Workers AI id")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
-                        help="the reference's compute dtype (default: the checkpoint's); float64 is ground truth")
-    parser.add_argument("--device", default="cpu")
-
-
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_reference_args(parser)
+    """score's own flags; the reference model's (source, --dtype, ...) are the CLI's shared load flags."""
     parser.add_argument("--input", required=True, metavar="FILE",
                         help="JSONL of sequences ('-' for stdin): {prompt_ids, token_ids}, {prompt, completion}, "
                              "{request, completion}, or {text}; optional params and id")
@@ -1650,12 +1639,11 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-n", type=int, default=5, help="alternatives per position (default 5)")
 
 
-def run_score(args: argparse.Namespace) -> int:
-    from qwen_ref.qwen import load
-
+def run_score(args: argparse.Namespace, load: Callable[[], Any]) -> int:
+    """load() gives the reference model (qwen_ref.Qwen) the shared load flags describe."""
     if args.top_n < 0:
         raise QwenRefError("--top-n must be >= 0")
-    qwen = load(args.source, device=args.device, dtype=args.dtype)
+    qwen = load()
     items = (obj for _, obj in _json_objects(Path(args.input), ScoreInputError))
     with _open_output(args.output) as f:
         for record in score(qwen, items, top_n=args.top_n):
@@ -1664,7 +1652,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_reference_args(parser)
+    """compare's own flags; the reference model's (source, --dtype, ...) are the CLI's shared load flags."""
     parser.add_argument("--backend", required=True, metavar="FILE",
                         help="the backend's generations with per-token logprobs (JSONL, a JSON array or one JSON "
                              "object); {\"request\": ..., \"response\": ...} lines carry the request")
@@ -1681,10 +1669,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which distribution the backend's logprobs are of (default: from the format)")
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    """Prints the summary; exit status 0 when nothing is flagged, 1 when something is."""
-    from qwen_ref.qwen import load
-
+def run_compare(args: argparse.Namespace, load: Callable[[], Any]) -> int:
+    """Prints the summary; exit status 0 when nothing is flagged, 1 when something is. load() gives the
+    reference model (qwen_ref.Qwen) the shared load flags describe."""
     params = None
     if args.params is not None:
         try:
@@ -1696,7 +1683,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.tolerance is not None and not args.tolerance > 0:
         raise QwenRefError("--tolerance must be > 0")
     records = read_backend_file(args.backend, args.format)
-    qwen = load(args.source, device=args.device, dtype=args.dtype)
+    qwen = load()
     thresholds = None if args.tolerance is None else Thresholds.from_logprob(args.tolerance)
     report = compare(qwen, records, thresholds=thresholds, backend_dtype=args.backend_dtype, params=params,
                      logprobs_of=args.logprobs_of)

@@ -2,6 +2,7 @@
 
 from qwen_ref.sampling.sampler import (
     NEG_INF,
+    SAMPLING_FIELDS,
     Candidate,
     History,
     PenaltyState,
@@ -28,6 +29,7 @@ from qwen_ref.sampling.sampler import (
 
 __all__ = [
     "NEG_INF",
+    "SAMPLING_FIELDS",
     "Candidate",
     "History",
     "PenaltyState",

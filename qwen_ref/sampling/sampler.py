@@ -60,6 +60,7 @@ _RULES: dict[str, _Rule] = {
     "max_tokens": _Rule("integer", 1, None),
 }
 _REQUIRED = ("temperature", "max_tokens")  # the fields with a default instead of "absent"
+SAMPLING_FIELDS = tuple(_RULES)  # the request fields SamplingParams takes, in the schema's order
 
 
 def _validated(name: str, value: object) -> int | float:

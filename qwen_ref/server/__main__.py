@@ -1,5 +1,7 @@
+"""python -m qwen_ref.server ...: the same as qwen-ref serve ..."""
+
 import sys
 
-from qwen_ref.server.app import main
+from qwen_ref.cli import main
 
-sys.exit(main())
+sys.exit(main(["serve", *sys.argv[1:]]))

@@ -14,15 +14,12 @@ The HTTP layer needs the `serve` extra (starlette, uvicorn); `add_serve_argument
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
 import json
 import math
-import os
 import secrets
-import sys
 import threading
 import time
 from collections import deque
@@ -286,7 +283,7 @@ class Engine:
 
     @torch.inference_mode()
     def _admit(self, lanes: list[Lane], jobs: list[Job]) -> list[Lane]:
-        if self.exact and not self.model.invariant_decode:
+        if self.exact and not self.model.backends.batch_invariant:
             return lanes + [Lane.prefill(self.model, [job]) for job in jobs]
         # exact on a batch-invariant model: each prompt prefilled alone, then all rows decode in one lane
         joined = [Lane.prefill(self.model, [job]) for job in jobs] if self.exact else [Lane.prefill(self.model, jobs)]
@@ -405,21 +402,14 @@ def as_named(qwen: Qwen, name: str) -> Qwen:
     return qwen if known is None or qwen.known == known else replace(qwen, known=known)
 
 
-def _load(source: str, *, device: str, dtype: str | None, lora_dir: str | None, decode_linear: str) -> Qwen:
-    return load(source, device=device, dtype=dtype, lora_dir=lora_dir, decode_linear=decode_linear)
-
-
 def load_models(
     sources: Sequence[str] = (),
     aliases: Sequence[str] = (),
+    load_options: Mapping[str, Any] | None = None,
     *,
-    device: str = "cpu",
-    dtype: str | None = None,
-    lora_dir: str | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_queue: int = DEFAULT_MAX_QUEUE,
     exact: bool = True,
-    decode_linear: str = "torch",
 ) -> dict[str, Served]:
     """Load each source once; serve it under its Workers AI id (when loaded by one) or its source text, and
     under every NAME of a NAME=SOURCE alias. Names of one checkpoint share its engine."""
@@ -430,7 +420,7 @@ def load_models(
     served: dict[str, Served] = {}
     for name, source in wanted:
         if source not in loaded:
-            qwen = _load(source, device=device, dtype=dtype, lora_dir=lora_dir, decode_linear=decode_linear)
+            qwen = load(source, **(load_options or {}))
             loaded[source] = (qwen, Engine(qwen, max_batch=max_batch, max_queue=max_queue, exact=exact))
         qwen, engine = loaded[source]
         name = name or (qwen.known.workers_ai_id if qwen.known is not None else source)
@@ -941,83 +931,3 @@ def create_app(served: Mapping[str, Served], settings: Settings | None = None) -
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sources", nargs="*", metavar="SOURCE",
-                        help="a model to serve, as qwen_ref.load takes it ('tiny', 'tiny:PRESET', a directory, a "
-                             "hub repo id or a Workers AI id); served under its Workers AI id or this text")
-    parser.add_argument("--name", action="append", default=[], metavar="NAME=SOURCE",
-                        help="also serve SOURCE under NAME (repeatable); a Workers AI id as NAME gives the model "
-                             "that id's context window and LoRA support, e.g. @cf/qwen/qwen1.5-0.5b-chat=tiny:qwen1.5")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--api-token", default=None,
-                        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}; none: no auth)")
-    parser.add_argument("--lora-dir", default=None, help="a directory of named LoRA adapters for `lora`")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models)")
-    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                        help=f"requests decoded together per model (default {DEFAULT_MAX_BATCH})")
-    parser.add_argument("--batching", choices=["exact", "fast"], default="exact",
-                        help="exact (default): each request's forward pass runs on its own, so it gets the tokens "
-                             "generate() gives it alone; fast: one forward for all, faster, rounding may differ")
-    parser.add_argument("--decode-linear", choices=["torch", "invariant"], default="torch",
-                        help="invariant: decode steps through the batch-invariant CPU kernel, so exact batching "
-                             "decodes all requests in one forward (see docs/performance.md)")
-    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                        help=f"waiting requests per model before 429 (default {DEFAULT_MAX_QUEUE})")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds a request may take, queueing included (default {DEFAULT_TIMEOUT_S:g})")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
-                        help=f"largest request body accepted (default {DEFAULT_MAX_BODY})")
-    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    for flag in ("max_batch", "max_queue", "max_body_bytes", "timeout", "threads"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise QwenRefError(f"--{flag.replace('_', '-')} must be > 0")
-
-
-def run_server(args: argparse.Namespace) -> int:
-    """Load the models and serve until interrupted (the `qwen-ref serve` command)."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise QwenRefError("serve needs the serve extra: pip install 'qwen-ref[serve]'") from None
-    _check_numbers(args)
-    token = args.api_token or os.environ.get(TOKEN_ENV) or None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    served = load_models(args.sources, args.name, device=args.device, dtype=args.dtype, lora_dir=args.lora_dir,
-                         max_batch=args.max_batch, max_queue=args.max_queue, exact=args.batching == "exact",
-                         decode_linear=args.decode_linear)
-    app = create_app(served, Settings(token, args.max_body_bytes, args.timeout))
-    base = f"http://{args.host}:{args.port}"
-    for name in served:
-        print(f"qwen-ref serve: {name} at {base}/client/v4/accounts/ACCOUNT_ID/ai/run/{name}", file=sys.stderr)
-    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"qwen-ref serve: warning: {args.host} is reachable from other machines and no token is set",
-              file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwen_ref.server", description=__doc__.split("\n")[0])
-    add_serve_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_server(args)
-    except QwenRefError as e:
-        print(f"qwen-ref serve: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

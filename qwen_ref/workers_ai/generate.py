@@ -16,12 +16,10 @@ from typing import Any
 from qwen_ref.engine.decode import SamplingChooser, decode
 from qwen_ref.errors import InvalidSamplingParams, QwenRefError
 from qwen_ref.qwen import Qwen
-from qwen_ref.sampling.sampler import RequestState, SamplingParams
+from qwen_ref.sampling.sampler import SAMPLING_FIELDS, RequestState, SamplingParams
 from qwen_ref.tokenizer.detok import IncrementalDetokenizer, detokenize
 from qwen_ref.workers_ai.validate import InvalidInput, validate_input, with_defaults
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty",
-                   "presence_penalty", "max_tokens")
 PADDING = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 

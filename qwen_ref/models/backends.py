@@ -1,0 +1,153 @@
+"""The one place that decides which implementation of each op the model calls, once, at load time.
+
+    rms_norm(x, weight, eps)                                 RMSNorm in HF's casting order
+    attention(q, k, v, q_pos, window, scale)                 prefill: many queries per row (or no cache)
+    decode_attention(q, k, v, q_pos, window, scale)          one query per row over its cached keys
+    linear(x, layers)                                        x through each Linear layer that reads it
+
+torch (models/torch_ops.py) is the reference. Triton (qwen_ref_kernels) replaces RMSNorm and attention;
+the batch-invariant CPU kernel replaces the decode-step linears. The rules that keep the reference's meaning:
+float64 always runs the torch ops (it is the ground truth), and so do sliding-window layers (the Triton
+kernels have no window).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qwen_ref.errors import CheckpointError
+from qwen_ref.models import torch_ops
+
+KERNELS = ("torch", "triton", "auto")
+DECODE_LINEARS = ("torch", "invariant")
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int | None, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backends:
+    name: str
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    attention: Attend
+    decode_attention: Attend
+    linear: Callable[[torch.Tensor, Sequence[nn.Linear]], list[torch.Tensor]]
+    # decode steps compute each row as it is computed alone, whatever else is in the batch
+    batch_invariant: bool = False
+
+
+TORCH = Backends("torch", torch_ops.rms_norm, torch_ops.attention, torch_ops.attention, torch_ops.linear)
+
+
+def check_backend_options(kernels: str, decode_linear: str, device: torch.device, dtype: torch.dtype) -> None:
+    """A typed error for options that cannot run on this device and dtype, before any weight is read."""
+    if kernels not in KERNELS:
+        raise CheckpointError(f"kernels: {kernels!r} is not supported; allowed: {', '.join(map(repr, KERNELS))}")
+    if decode_linear not in DECODE_LINEARS:
+        raise CheckpointError(f"decode_linear: {decode_linear!r} is not supported; allowed: "
+                              f"{', '.join(map(repr, DECODE_LINEARS))}")
+    if decode_linear == "invariant" and (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16)):
+        raise CheckpointError(f"decode_linear='invariant' runs on the CPU in float32 or bfloat16; got device "
+                              f"{device}, dtype {dtype}")
+    _use_triton(kernels, device)
+
+
+def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear: str = "torch") -> Backends:
+    """The backends for a loaded model on its device and dtype; a typed error when one cannot run there."""
+    weight = model.lm_head.weight
+    check_backend_options(kernels, decode_linear, weight.device, weight.dtype)
+    names, ops = [], {}
+    if _use_triton(kernels, weight.device):
+        ops.update(_triton_ops())
+        names.append("triton")
+    if decode_linear == "invariant":
+        ops.update(linear=_invariant_linear(model), batch_invariant=True)
+        names.append("invariant")
+    return Backends("+".join(names) or "torch", **{**_torch_fields(), **ops})
+
+
+def _torch_fields() -> dict:
+    return {"rms_norm": TORCH.rms_norm, "attention": TORCH.attention, "decode_attention": TORCH.decode_attention,
+            "linear": TORCH.linear}
+
+
+def _use_triton(kernels: str, device: torch.device) -> bool:
+    if kernels == "torch":
+        return False
+    try:
+        import qwen_ref_kernels.rms_norm  # noqa: F401  (imports triton)
+    except ImportError as e:
+        if kernels == "auto":
+            return False
+        raise CheckpointError(f"kernels='triton' needs triton: pip install 'qwen-ref[kernels]' ({e})") from None
+    if kernels == "auto":
+        return device.type == "cuda"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CheckpointError(f"kernels='triton' on {device} needs a CUDA device, or TRITON_INTERPRET=1 set "
+                              "before the first import of qwen_ref_kernels (the Triton interpreter, for tests)")
+    return True
+
+
+def _triton_ops() -> dict:
+    # the optional dependency's one boundary: triton is imported here, when a model asks for it
+    from qwen_ref_kernels.attention import attention as flash_attention
+    from qwen_ref_kernels.decode_attention import decode_attention as flash_decode
+    from qwen_ref_kernels.rms_norm import rms_norm as triton_rms_norm
+
+    def rms_norm(x, weight, eps):
+        return torch_ops.rms_norm(x, weight, eps) if x.dtype == torch.float64 else triton_rms_norm(x, weight, eps)
+
+    def attention(q, k, v, q_pos, window, scale):
+        if window is not None or q.dtype == torch.float64:
+            return torch_ops.attention(q, k, v, q_pos, window, scale)
+        T, S = q.shape[2], k.shape[2]
+        if q_pos is None and T == S:
+            return flash_attention(q, k, v, causal=True, scale=scale)
+        # row b's queries are the last T of its q_pos[b, -1] + 1 keys (bottom-right causal)
+        kv_lens = q_pos[:, -1] + 1 if q_pos is not None else torch.full((q.shape[0],), S, device=q.device)
+        return flash_attention(q, k, v, causal=True, scale=scale, kv_lens=kv_lens)
+
+    def decode_attention(q, k, v, q_pos, window, scale):
+        if window is not None or q.dtype == torch.float64:
+            return torch_ops.attention(q, k, v, q_pos, window, scale)
+        seq_lens = q_pos[:, 0] + 1 if q_pos is not None else torch.full((q.shape[0],), k.shape[2], device=q.device)
+        return flash_decode(q, k, v, seq_lens, scale=scale)
+
+    return {"rms_norm": rms_norm, "attention": attention, "decode_attention": decode_attention}
+
+
+def _invariant_linear(model: nn.Module) -> Callable[[torch.Tensor, Sequence[nn.Linear]], list[torch.Tensor]]:
+    # the optional C++ kernel's one boundary: built (or found in the cache) now, so a missing compiler shows at load
+    from qwen_ref_kernels.invariant_linear import (
+        SUPPORTED_WEIGHT_DTYPES,
+        InvariantLinearUnavailable,
+        extension,
+        linears_unchecked,
+    )
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            w = m.weight
+            if w.device.type != "cpu" or w.dtype not in SUPPORTED_WEIGHT_DTYPES or not w.is_contiguous():
+                raise CheckpointError(f"decode_linear='invariant' runs on the CPU in float32 or bfloat16; "
+                                      f"{name}.weight is {w.dtype} on {w.device}"
+                                      f"{'' if w.is_contiguous() else ', not contiguous'}")
+    try:
+        extension()
+    except InvariantLinearUnavailable as e:
+        raise CheckpointError(f"decode_linear='invariant': {e}") from None
+
+    def linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
+        # a decode step (one token per row) is one kernel call for all the layers; prefill keeps BLAS, whose
+        # speed on long inputs the kernel lacks
+        if x.dim() != 3 or x.shape[1] != 1:
+            return torch_ops.linear(x, layers)
+        B = x.shape[0]
+        ys = linears_unchecked(x.view(B, -1), [m.weight for m in layers], [m.bias for m in layers])  # [B, N_i]
+        return [y.view(B, 1, -1) for y in ys]  # [B, 1, N_i]
+
+    return linear

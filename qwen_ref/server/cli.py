@@ -1,0 +1,80 @@
+"""`qwen-ref serve`: the server's own flags (the model-loading flags are the CLI's shared ones), and the run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from qwen_ref.errors import QwenRefError
+from qwen_ref.server.app import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT_S,
+    TOKEN_ENV,
+    Settings,
+    create_app,
+    load_models,
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="*", metavar="SOURCE",
+                        help="a model to serve, as qwen_ref.load takes it ('tiny', 'tiny:PRESET', a directory, a "
+                             "hub repo id or a Workers AI id); served under its Workers AI id or this text")
+    parser.add_argument("--name", action="append", default=[], metavar="NAME=SOURCE",
+                        help="also serve SOURCE under NAME (repeatable); a Workers AI id as NAME gives the model "
+                             "that id's context window and LoRA support, e.g. @cf/qwen/qwen1.5-0.5b-chat=tiny:qwen1.5")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--api-token", default=None,
+                        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}; none: no auth)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help=f"requests decoded together per model (default {DEFAULT_MAX_BATCH})")
+    parser.add_argument("--batching", choices=["exact", "fast"], default="exact",
+                        help="exact (default): each request's forward pass runs on its own, so it gets the tokens "
+                             "generate() gives it alone; fast: one forward for all, faster, rounding may differ")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"waiting requests per model before 429 (default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"seconds a request may take, queueing included (default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
+                        help=f"largest request body accepted (default {DEFAULT_MAX_BODY})")
+    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for flag in ("max_batch", "max_queue", "max_body_bytes", "timeout", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise QwenRefError(f"--{flag.replace('_', '-')} must be > 0")
+
+
+def run_server(args: argparse.Namespace, load_options: Mapping[str, Any]) -> int:
+    """Load the models and serve until interrupted (the `qwen-ref serve` command)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise QwenRefError("serve needs the serve extra: pip install 'qwen-ref[serve]'") from None
+    _check_numbers(args)
+    token = args.api_token or os.environ.get(TOKEN_ENV) or None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    served = load_models(args.sources, args.name, load_options, max_batch=args.max_batch, max_queue=args.max_queue,
+                         exact=args.batching == "exact")
+    app = create_app(served, Settings(token, args.max_body_bytes, args.timeout))
+    base = f"http://{args.host}:{args.port}"
+    for name in served:
+        print(f"qwen-ref serve: {name} at {base}/client/v4/accounts/ACCOUNT_ID/ai/run/{name}", file=sys.stderr)
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"qwen-ref serve: warning: {args.host} is reachable from other machines and no token is set",
+              file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
