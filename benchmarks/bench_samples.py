@@ -1,7 +1,7 @@
 """n seeded samples of one prompt: one batched generation against single runs, in one process.
 
-The batched run is exact (batch_invariant=True on a model loaded with decode_linear="invariant"): the prompt is
-prefilled once and the n samples decode as one batch, and sample i must equal the single run with seed + i. The
+The batched run is exact (the engine's exact mode on a model loaded with decode_linear="invariant"): the prompt
+is prefilled once and the n samples decode as one batch, and sample i must equal the single run with seed + i. The
 script checks that for the first --check samples and reports it. A single run and each of n sequential single runs
 do the same work, so the tokens/s of n sequential runs is the tokens/s of one run, which is what is timed
 (median of --repeats). No stop ids: every sample produces exactly --new-tokens tokens.
@@ -9,8 +9,8 @@ do the same work, so the tokens/s of n sequential runs is the tokens/s of one ru
     python benchmarks/bench_samples.py [--preset qwen2.5-0.5b-shape] [--dtype float32 bfloat16] [--samples 32]
                                        [--new-tokens 128] [--prompt-len 128] [--inexact]
 
---inexact also times the BLAS batched path (decode_linear="torch", batch_invariant=False), which is not
-bit-equal to single runs, for comparison.
+--inexact also times the BLAS batched path (decode_linear="torch", exact=False), which is not bit-equal to
+single runs, for comparison.
 """
 
 from __future__ import annotations
@@ -28,21 +28,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import PRESETS, checkpoint
 
-from qwen_ref.engine import SamplingChooser, generate_ids
+from qwen_ref.engine import generate_ids
 from qwen_ref.qwen import load
-from qwen_ref.sampling import RequestState, SamplingParams
 
 PARAMS = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1}
 
 
-def states(prompt: list[int], seeds: list[int]) -> list[RequestState]:
-    return [RequestState.start(SamplingParams(**PARAMS, seed=s), prompt) for s in seeds]
-
-
 def run(model, prompt, seeds, new_tokens, exact: bool) -> tuple[float, list[list[int]]]:
-    chooser = SamplingChooser(states(prompt, seeds))
+    params = [{**PARAMS, "seed": s} for s in seeds]
     t = time.perf_counter()
-    out = generate_ids(model, [prompt] * len(seeds), new_tokens, choose=chooser, batch_invariant=exact)
+    out = generate_ids(model, [prompt] * len(seeds), new_tokens, params=params, exact=exact,
+                       max_running=len(seeds))
     return time.perf_counter() - t, out
 
 

@@ -1,8 +1,12 @@
 """Load on the local server: N concurrent streaming clients vs. the same requests run one after another
 through generate() in this process.
 
-    python benchmarks/bench_server.py                              # tiny model, 1/4/16 clients, exact batching
+    python benchmarks/bench_server.py                              # tiny model, 1/4/16/64 clients, exact batching
     python benchmarks/bench_server.py --clients 8 --batching exact,fast --max-tokens 64
+    python benchmarks/bench_server.py --baseline-tree /tmp/before  # also the server of another checkout
+
+--baseline-tree runs the same load against the server of another checkout (e.g. a `git worktree` of an earlier
+commit) in the same run, so the two are compared on the same machine at the same time.
 
 Starts `python -m qwen_ref.server` on a free loopback port per batching mode. Each client sends its share of
 the requests one after another (a closed loop), streaming, and times the first text and the whole answer.
@@ -49,11 +53,15 @@ def bodies(count: int, max_tokens: int) -> list[dict[str, Any]]:
              "seed": 1 + i, "temperature": 0.8} for i in range(count)]
 
 
-def start_server(source: str, batching: str, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(source: str, batching: str, threads: int, max_batch: int,
+                 tree: str | None = None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "qwen_ref.server", "--name", f"bench={source}", "--port", str(port),
            "--batching", batching, "--threads", str(threads), "--max-batch", str(max_batch)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "QWEN_REF_API_TOKEN": ""}, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "QWEN_REF_API_TOKEN": ""}
+    if tree is not None:
+        env["PYTHONPATH"] = tree
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, cwd=tree)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -127,11 +135,12 @@ def summary(kind: str, results: list[dict[str, Any]], wall: float, **extra: Any)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", default="tiny", help="the model (default: the embedded tiny model)")
-    parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrent client counts")
-    parser.add_argument("--requests", type=int, default=32, help="requests per run (default 32)")
+    parser.add_argument("--clients", default="1,4,16,64", help="comma-separated concurrent client counts")
+    parser.add_argument("--requests", type=int, default=64, help="requests per run (default 64)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batching", default="exact", help="comma-separated: exact, fast")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server")
+    parser.add_argument("--baseline-tree", default=None, help="also measure the server of this checkout")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.clients.split(",")]
@@ -143,18 +152,20 @@ def main() -> None:
     alone, wall = sequential(qwen, work)
     print(json.dumps(summary("sequential_generate", alone, wall, **common)), flush=True)
 
+    trees = [("this", None)] + ([("baseline", args.baseline_tree)] if args.baseline_tree else [])
     for batching in args.batching.split(","):
-        proc, base = start_server(args.source, batching, args.threads, max(counts))
-        try:
-            asyncio.run(load(base, work[:2], 2))  # warm-up
-            for clients in counts:
-                results, wall = asyncio.run(load(base, work, clients))
+        for clients in counts:  # the two servers alternate per client count: the same machine state for both
+            for label, tree in trees:
+                proc, base = start_server(args.source, batching, args.threads, max(counts), tree)
+                try:
+                    asyncio.run(load(base, work[:2], 2))  # warm-up
+                    results, wall = asyncio.run(load(base, work, clients))
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
                 same = sum(r["text"] == a["text"] for r, a in zip(results, alone))
-                print(json.dumps(summary("server", results, wall, **common, batching=batching, clients=clients,
-                                         same_as_generate=f"{same}/{len(work)}")), flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+                print(json.dumps(summary("server", results, wall, **common, code=label, batching=batching,
+                                         clients=clients, same_as_generate=f"{same}/{len(work)}")), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,21 +4,14 @@ from qwen_ref.config import QwenConfig
 from qwen_ref.errors import (
     CheckpointError,
     ConfigError,
+    InvalidInput,
     InvalidSamplingParams,
     QwenRefError,
     SourceNotFoundError,
     TokenizerError,
 )
 from qwen_ref.qwen import Qwen, load
-from qwen_ref.workers_ai.validate import InvalidInput
-
-
-def generate(qwen, inputs, *, n=1, exact=True):
-    """A Workers AI text-generation request in, its result out (see qwen_ref.api.generate)."""
-    from qwen_ref.workers_ai.generate import generate as _generate
-
-    return _generate(qwen, inputs, n=n, exact=exact)
-
+from qwen_ref.workers_ai.generate import generate
 
 __all__ = [
     "CheckpointError",

@@ -15,7 +15,7 @@ from qwen_ref.checkpoint.sources import resolve_source
 from qwen_ref.checkpoint.weights import load_weights, parse_dtype
 from qwen_ref.config import QwenConfig
 from qwen_ref.errors import CheckpointError
-from qwen_ref.lora import AdapterRegistry, merge, resolve_adapter
+from qwen_ref.lora import AdapterRegistry, check_unmerged, merge, resolve_adapter
 from qwen_ref.models.backends import check_backend_options, resolve_backends
 from qwen_ref.models.qwen2 import QwenForCausalLM
 from qwen_ref.tokenizer.runtime import load_tokenizer
@@ -30,7 +30,7 @@ class Qwen:
     generation_config: dict[str, Any] = field(default_factory=dict)
     known: known_models.KnownModel | None = None
     adapters: Any = None  # qwen_ref.lora.AdapterRegistry: named adapters a request's `lora` selects
-    default_adapter: Any = None  # qwen_ref.lora.LoraAdapter merged at load time, active when a request names none
+    default_adapter: Any = None  # load(lora=...): merged; with lora_dir, applied per row to requests naming none
 
     @property
     def device(self) -> torch.device:
@@ -64,7 +64,8 @@ def load(
     decode_linear: str = "torch",
 ) -> Qwen:
     """lora: an adapter directory (or a name in lora_dir) merged into the weights; lora_dir: a directory of
-    named adapters that a request's `lora` field selects (see docs/lora.md).
+    named adapters that a request's `lora` field selects, applied unmerged to that request's rows (with lora_dir,
+    `lora` is the adapter of requests that name none, also applied per row, never merged; see docs/lora.md).
     decode_linear: "torch" (BLAS; decode logits bit-equal to transformers) or "invariant" (the batch-invariant
     CPU kernel: exact batched decoding at batch speed, and bfloat16 at memory speed; see docs/performance.md)."""
     path, known = resolve_source(source)
@@ -83,11 +84,11 @@ def load(
         )
     gen_path = path / "generation_config.json"
     generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
-    registry = default = None
-    if lora_dir is not None or lora is not None:
-        registry = AdapterRegistry(lora_dir) if lora_dir is not None else None
-        if lora is not None:
-            default = resolve_adapter(os.fspath(lora), registry)
-            merge(model, default)
+    registry = AdapterRegistry(lora_dir) if lora_dir is not None else None
+    default = resolve_adapter(os.fspath(lora), registry) if lora is not None else None
+    if default is not None and registry is None:
+        merge(model, default)  # the model is base + adapter, merged exactly as PEFT merges
+    elif default is not None:
+        check_unmerged(model, default)  # with a registry every adapter, the default too, is applied per row
     model.backends = resolve_backends(model, kernels=kernels, decode_linear=decode_linear)
     return Qwen(model, tokenizer, config, path, generation, known, registry, default)

@@ -16,9 +16,9 @@ Every step is a correctly rounded IEEE operation, so the result is the same on a
 instructions computes fmaf in software, slowly). It is not bit-equal to BLAS, which sums in another order:
 against a float64 reference its error is that of a float32 dot product (tests/test_invariant_linear.py).
 
-The C++ source below is compiled on first use with torch.utils.cpp_extension (needs a C++ compiler and ninja:
-pip install 'qwen-ref[cpu]'), for this CPU (-march=native), and cached. `invariant_linear_ref` is the PyTorch
-reference, computed in float64.
+The C++ source (invariant_linear.cpp, beside this file) is compiled on first use with torch.utils.cpp_extension
+(needs a C++ compiler and ninja: pip install 'qwen-ref[cpu]'), for this CPU (-march=native), and cached.
+`invariant_linear_ref` is the PyTorch reference, computed in float64.
 """
 
 from __future__ import annotations
@@ -26,199 +26,11 @@ from __future__ import annotations
 import hashlib
 import platform
 import threading
+from pathlib import Path
 
 import torch
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <type_traits>
-#include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-namespace {
-constexpr int L = 16;  // lanes of partial sums
-typedef float vf __attribute__((vector_size(L * sizeof(float))));
-typedef uint32_t vu __attribute__((vector_size(L * sizeof(uint32_t))));
-typedef uint16_t vh __attribute__((vector_size(L * sizeof(uint16_t))));
-
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline vf load(const c10::BFloat16* p) {
-  // bfloat16 -> float32 is exact: the 16 stored bits become the high half of the float
-#if defined(__AVX512F__)
-  __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
-  return reinterpret_cast<vf>(_mm512_castsi512_ps(u));
-#else
-  vh h; std::memcpy(&h, p, sizeof h);
-  vu u = __builtin_convertvector(h, vu) << 16;
-  vf v; std::memcpy(&v, &u, sizeof v); return v;
-#endif
-}
-// fused multiply-add, a * b + c with one rounding, lane by lane: the same bits on every CPU (fmaf semantics)
-inline vf fmadd(vf a, vf b, vf c) {
-#if defined(__AVX512F__)
-  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#else
-  vf r;
-  for (int j = 0; j < L; ++j) r[j] = __builtin_fmaf(a[j], b[j], c[j]);
-  return r;
-#endif
-}
-inline float widen(float v) { return v; }
-inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
-
-typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
-typedef float v2 __attribute__((vector_size(2 * sizeof(float))));
-
-inline float fold(vf a) {  // lanes folded in halves, a fixed order: lane j += lane j + 8, then + 4, + 2, + 1
-  v8 a8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-          __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 a4 = __builtin_shufflevector(a8, a8, 0, 1, 2, 3) + __builtin_shufflevector(a8, a8, 4, 5, 6, 7);
-  v2 a2 = __builtin_shufflevector(a4, a4, 0, 1) + __builtin_shufflevector(a4, a4, 2, 3);
-  return a2[0] + a2[1];
-}
-
-// MB rows of x times NB rows of w: every (m, n) pair runs the same per-lane sequence whatever MB and NB are.
-// O: the output type; a bfloat16 output is the float32 result rounded once (to nearest even).
-// ahead: how many rows of the next block of weight rows to prefetch at the same place, so that the memory
-// system always has the next rows in flight (the first tile of a block reads it from memory; later tiles hit
-// cache and pass 0). Prefetching changes no arithmetic.
-template <int MB, int NB, typename W, typename O>
-inline void tile(const float* x, const W* w, int64_t K, const float* bias, O* y, int64_t N, int ahead) {
-  vf acc[MB][NB];
-  for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) acc[m][n] = vf{};
-  int64_t k = 0;
-  for (; k + L <= K; k += L) {
-    vf wv[NB];
-    for (int n = 0; n < ahead; ++n) __builtin_prefetch(w + (NB + n) * K + k);
-    for (int n = 0; n < NB; ++n) wv[n] = load(w + n * K + k);
-    for (int m = 0; m < MB; ++m) {
-      vf xv = load(x + m * K + k);
-      for (int n = 0; n < NB; ++n) acc[m][n] = fmadd(xv, wv[n], acc[m][n]);
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) {
-      float s = fold(acc[m][n]);
-      for (int64_t t = k; t < K; ++t) s = __builtin_fmaf(x[m * K + t], widen(w[n * K + t]), s);
-      if (bias) s += bias[n];
-      y[m * N + n] = static_cast<O>(s);
-    }
-}
-
-constexpr int MB = 4;
-
-template <typename T>
-void widen_into(const T* src, float* dst, int64_t n) {  // exact: float32 copies, bfloat16 widens
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    vf v = load(src + i);
-    std::memcpy(dst + i, &v, sizeof v);
-  }
-  for (; i < n; ++i) dst[i] = widen(src[i]);
-}
-
-template <int NB, typename W, typename O>
-inline void rows(const float* x, const W* w, int64_t M, int64_t K, const float* bias, O* y, int64_t N, int ahead) {
-  if constexpr (std::is_same_v<W, c10::BFloat16>) {
-    if (M > MB) {  // widen the NB weight rows once instead of once per tile of rows: the same values
-      thread_local std::vector<float> buf;
-      buf.resize(NB * K);
-      for (int64_t i = 0; i < ahead * K; i += 32) __builtin_prefetch(w + NB * K + i);  // the next block's rows
-      widen_into(w, buf.data(), NB * K);
-      rows<NB, float, O>(x, buf.data(), M, K, bias, y, N, 0);
-      return;
-    }
-  }
-  int64_t m = 0;
-  for (; m + MB <= M; m += MB) tile<MB, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0);
-  switch (M - m) {
-    case 3: tile<3, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0); break;
-    case 2: tile<2, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0); break;
-    case 1: tile<1, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0); break;
-    default: break;
-  }
-}
-
-// One weight matrix of a call: its rows are cut into blocks of NB; blocks of all matrices share one thread pool.
-template <typename W, typename O>
-struct Part {
-  const W* w;
-  const float* bias;
-  O* y;
-  int64_t N, first_block;
-};
-
-constexpr int NB = 4;
-
-template <typename W, typename O>
-void run(const float* x, const std::vector<Part<W, O>>& parts, int64_t blocks, int64_t M, int64_t K) {
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    size_t p = 0;
-    for (int64_t b = b0; b < b1; ++b) {
-      while (b >= parts[p].first_block + (parts[p].N + NB - 1) / NB) ++p;
-      const Part<W, O>& part = parts[p];
-      const int64_t n = (b - part.first_block) * NB;
-      const W* wb = part.w + n * K;
-      const float* bb = part.bias ? part.bias + n : nullptr;
-      const int ahead = static_cast<int>(std::clamp<int64_t>(part.N - n - NB, 0, NB));
-      switch (std::min<int64_t>(NB, part.N - n)) {
-        case 4: rows<4>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
-        case 3: rows<3>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
-        case 2: rows<2>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
-        default: rows<1>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
-      }
-    }
-  });
-}
-
-// float32 copy of a contiguous float32 or bfloat16 tensor (exact)
-std::vector<float> widened(const torch::Tensor& t) {
-  std::vector<float> out(t.numel());
-  if (t.scalar_type() == torch::kBFloat16)
-    widen_into(t.data_ptr<c10::BFloat16>(), out.data(), t.numel());
-  else
-    std::memcpy(out.data(), t.data_ptr<float>(), t.numel() * sizeof(float));
-  return out;
-}
-
-template <typename W, typename O>
-std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
-                                     const std::vector<torch::Tensor>& bs) {
-  const int64_t M = x.size(0), K = x.size(1);
-  const std::vector<float> xf = widened(x);
-  std::vector<std::vector<float>> biases;
-  std::vector<torch::Tensor> ys;
-  std::vector<Part<W, O>> parts;
-  int64_t blocks = 0;
-  for (size_t i = 0; i < ws.size(); ++i) {
-    const int64_t N = ws[i].size(0);
-    ys.push_back(torch::empty({M, N}, ws[i].options()));
-    biases.push_back(bs[i].numel() ? widened(bs[i]) : std::vector<float>());
-    parts.push_back({ws[i].data_ptr<W>(), bs[i].numel() ? biases.back().data() : nullptr, ys.back().data_ptr<O>(),
-                     N, blocks});
-    blocks += (N + NB - 1) / NB;
-  }
-  run(xf.data(), parts, blocks, M, K);
-  return ys;
-}
-}  // namespace
-
-// x [M, K]; ws[i] [N_i, K]; bs[i] [N_i] or empty. Contiguous, all float32 or all bfloat16. Returns y_i [M, N_i]
-// in that dtype, each exactly what a call with that weight alone returns (one thread pool for all of them).
-std::vector<torch::Tensor> linears(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> bs) {
-  if (x.scalar_type() == torch::kBFloat16) return run_parts<c10::BFloat16, c10::BFloat16>(x, ws, bs);
-  return run_parts<float, float>(x, ws, bs);
-}
-"""
+_SOURCE = (Path(__file__).parent / "invariant_linear.cpp").read_text(encoding="utf-8")
 
 # -ffp-contract=off: no multiply-add is fused unless the source says so (fmadd, fmaf), whatever the compiler decides
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]

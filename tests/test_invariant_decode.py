@@ -105,13 +105,16 @@ def test_exact_batch_is_one_forward_per_step_and_equals_each_row_alone(tiny, dty
     calls = []
     hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[0].shape), with_kwargs=True)
     try:
-        batched = generate_ids(model, prompts, budgets, stop_ids=[11, 500], batch_invariant=True)
+        batched = generate_ids(model, prompts, budgets, stop_ids=[11, 500])
     finally:
         hook.remove()
     assert batched == alone
     decode_calls = [s for s in calls if s[1] == 1]
-    assert decode_calls and all(s[0] == len(prompts) for s in decode_calls)  # batched, not one forward per row
-    assert len(calls) - len(decode_calls) == len(prompts)  # each prompt prefilled alone
+    # batched, not one forward per row: one decode forward per step over the rows still running
+    lengths = [len(a) for a in alone]
+    assert [s[0] for s in decode_calls] == [sum(n > step for n in lengths) for step in range(1, max(lengths))]
+    # each distinct prompt prefilled alone (the two rows with the same prompt share its prefill)
+    assert len(calls) - len(decode_calls) == len({tuple(p) for p in prompts})
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -146,21 +149,21 @@ def test_bad_decode_linear_options_are_refused(tiny):
 def test_server_exact_batching_decodes_the_requests_in_one_forward(tiny):
     import asyncio
 
-    from qwen_ref import server
-    from qwen_ref.workers_ai.generate import prepare
+    from qwen_ref.engine import Engine
+    from qwen_ref.server.bridge import Served, collect, start
+    from qwen_ref.server.settings import Settings
 
     qwen = qwen_ref.load(tiny("qwen1.5"), decode_linear="invariant")
     bodies = [{"prompt": f"request {i}" * (i + 1), "max_tokens": 8 + i, "seed": i + 1, "temperature": 0.9}
               for i in range(4)]
     alone = [qwen_ref.generate(qwen, b) for b in bodies]
-    served = server.Served("m", qwen, server.Engine(qwen, max_batch=4))
+    served = Served("m", qwen, Engine(qwen.model, max_running=4))
     rows = []
     hook = qwen.model.register_forward_pre_hook(lambda m, args: rows.append(tuple(args[0].shape)))
     served.engine.start()
 
     async def one(body):
-        prepared = prepare(qwen, body)
-        return (await server.collect(qwen, prepared, server.submit(served, body, prepared, 60))).output
+        return (await collect(await start(served, body, Settings(timeout_s=60)))).result()
 
     async def run_all():
         return await asyncio.gather(*(one(b) for b in bodies))

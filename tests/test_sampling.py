@@ -1,12 +1,16 @@
-"""The sampler against docs/sampling.md: a naive oracle, HF transformers' processors, seeds and bad input."""
+"""The sampler against docs/sampling.md: a naive oracle, the spec's edge cases, batch independence, the trace,
+logprobs, the package's public names and the examples of the docs. Each stage alone, the generator and the
+parameters are tested in test_sampling_stages.py, test_sampling_rng.py and test_sampling_params.py."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
+import pkgutil
 import re
 import zlib
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -14,32 +18,17 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from naive_sampler import NaiveAllMasked, naive_distribution, naive_draw
-from transformers.generation.logits_process import (
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from qwen_ref.errors import InvalidSamplingParams
 from qwen_ref.sampling import (
-    History,
-    PenaltyState,
     RequestState,
     SamplingError,
-    SamplingParams,
     distribution,
     draw,
     format_trace,
-    frequency_presence_penalty,
-    repetition_penalty,
     sample,
-    temperature,
-    top_k,
-    top_p,
     trace,
 )
-from qwen_ref.sampling.rng import draw_words, fresh_seed, philox4x32, uniform, words_to_uniform
+from qwen_ref.sampling.rng import uniform
 
 INF = math.inf
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "sampling.md"
@@ -251,66 +240,6 @@ def test_sums_are_sequential_as_documented() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Each stage against HF transformers' processor, where HF accepts the value
-
-
-def _random_logits(g: torch.Generator, b: int, v: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    x = torch.randn(b, v, generator=g, dtype=torch.float64) * 3
-    x[:, ::5] = torch.round(x[:, ::5])  # some exact ties
-    return x.to(dtype)
-
-
-@settings(max_examples=80, deadline=None)
-@given(st.integers(0, 2**31), st.floats(1e-3, 2.0), st.integers(1, 40))
-def test_repetition_penalty_equals_hf(seed: int, r: float, length: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    x = _random_logits(g, 3, 64)
-    ids = torch.randint(0, 64, (3, length), generator=g)
-    expected = RepetitionPenaltyLogitsProcessor(penalty=float(r))(ids, x.clone())
-    got = repetition_penalty(x, History.from_lists(ids.tolist(), [[]] * 3), torch.full((3,), r))
-    assert torch.equal(got, expected)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**31), st.floats(1e-3, 5.0))
-def test_temperature_equals_hf(seed: int, t: float) -> None:
-    x = _random_logits(torch.Generator().manual_seed(seed), 3, 64)
-    assert torch.equal(temperature(x, torch.full((3,), t)), TemperatureLogitsWarper(float(t))(None, x.clone()))
-
-
-@settings(max_examples=80, deadline=None)
-@given(st.integers(0, 2**31), st.integers(1, 50), st.integers(2, 64))
-def test_top_k_equals_hf(seed: int, k: int, v: int) -> None:
-    x = _random_logits(torch.Generator().manual_seed(seed), 3, v)
-    assert torch.equal(top_k(x, torch.full((3,), k)), TopKLogitsWarper(k)(None, x.clone()))
-
-
-@settings(max_examples=80, deadline=None)
-@given(st.integers(0, 2**31), st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0, 1)))
-def test_top_p_equals_hf(seed: int, q: float) -> None:
-    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
-    for row in x:  # stay away from the cut, where the two summation orders may round differently
-        probs = torch.softmax(row, -1).sort(descending=True).values
-        assume(bool(((probs.cumsum(0) - q).abs() > 1e-9).all()))
-    expected = torch.softmax(TopPLogitsWarper(q)(None, x.clone()), -1)
-    got = torch.softmax(top_p(x, torch.full((2,), q, dtype=torch.float64)), -1)
-    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
-
-
-def test_frequency_presence_equal_the_openai_vllm_formula() -> None:
-    g = torch.Generator().manual_seed(0)
-    x = _random_logits(g, 4, 100)
-    outputs = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (0, 5, 30, 80)]
-    prompts = [torch.randint(0, 100, (20,), generator=g).tolist() for _ in range(4)]
-    f = torch.tensor([0.0, 0.5, 1.7, 2.0])
-    p = torch.tensor([2.0, 0.0, 0.3, 1.1])
-    counts = torch.stack([torch.bincount(torch.tensor(o, dtype=torch.long), minlength=100) for o in outputs])
-    expected = x - f[:, None] * counts - p[:, None] * (counts > 0)  # vLLM apply_penalties, in float32
-    got = frequency_presence_penalty(x, History.from_lists(prompts, outputs), f, p)
-    assert torch.equal(got, expected)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Seeds: reproducible, and independent of the batch
 
 
@@ -362,156 +291,8 @@ def test_tokens_identical_alone_in_a_batch_and_at_other_positions() -> None:
     assert len({tuple(t for t, _ in alone[i]) for i in range(8)}) > 4  # the requests do differ
 
 
-def test_unseeded_requests_get_fresh_seeds_in_range() -> None:
-    seeds = {RequestState.start({}, []).seed for _ in range(50)} | {fresh_seed() for _ in range(50)}
-    assert len(seeds) > 90
-    assert all(1 <= s <= 9_999_999_999 for s in seeds)
-
-
-def _chi_square_critical(df: int, alpha: float) -> float:
-    """Wilson-Hilferty approximation of the upper alpha quantile of chi-square(df)."""
-    z = NormalDist().inv_cdf(1 - alpha)
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
-    expected = probs * counts.sum()
-    return float(((counts - expected) ** 2 / expected).sum())
-
-
-def test_seeded_draws_follow_the_distribution() -> None:
-    probs = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05, 0.03, 0.015, 0.005])
-    p = torch.zeros(40, dtype=torch.float64)
-    support = [2, 3, 5, 8, 13, 21, 22, 30, 34, 39]
-    p[support] = torch.from_numpy(probs)
-    tokens = [draw(p, 20240601, step) for step in range(20_000)]
-    counts = np.array([tokens.count(t) for t in support])
-    assert counts.sum() == 20_000  # no draw outside the support
-    # the draws are a fixed function of (seed, step): the statistic is deterministic, alpha only sets the bar
-    assert _chi_square(counts, probs) < _chi_square_critical(len(probs) - 1, 1e-4)
-
-
-def test_uniforms_are_uniform() -> None:
-    u = np.array([uniform(7, step) for step in range(20_000)])
-    assert u.min() >= 0 and u.max() < 1
-    counts = np.bincount((u * 64).astype(int), minlength=64)
-    assert _chi_square(counts, np.full(64, 1 / 64)) < _chi_square_critical(63, 1e-4)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# The generator: Random123 known answers, and the worked vectors of docs/sampling.md
-
-KAT = [  # Random123 tests/kat_vectors, philox4x32 10: counter, key, output
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
-
-DOC_VECTORS = [  # seed, step, the four output words, u
-    (42, 0, (0x9CEAF053, 0x77F5493B, 0x12BF50AD, 0x5742B3D7), 0.4685865183391049),
-    (42, 1, (0xFCDB2127, 0x53BA6CFD, 0x838F5A6E, 0x744E06FB), 0.32706338120338474),
-    (9_999_999_999, 255, (0x120FBEBA, 0xD9A41ABF, 0x5390AD7C, 0xED2DB711), 0.8501602856140938),
-]
-
-
-@pytest.mark.parametrize(("counter", "key", "expected"), KAT)
-def test_philox_known_answers(counter: tuple, key: tuple, expected: tuple) -> None:
-    assert philox4x32(counter, key) == expected
-
-
-@pytest.mark.parametrize(("seed", "step", "words", "u"), DOC_VECTORS)
-def test_rng_vectors_match_the_docs(seed: int, step: int, words: tuple, u: float) -> None:
-    assert draw_words(seed, step) == words
-    assert uniform(seed, step) == u == words_to_uniform(words[0], words[1])
-    doc = DOCS.read_text()
-    assert " ".join(f"{w:08x}" for w in words) in doc
-    assert repr(u) in doc
-
-
-def test_worked_draw_example_of_the_docs() -> None:
-    doc = DOCS.read_text()
-    match = re.search(r"probabilities `\[([^\]]*)\]`, seed (\d+), step (\d+) .*?token (\d+)", doc, re.S)
-    assert match, "docs/sampling.md lost its worked draw example"
-    probs = [float(v) for v in match.group(1).split(",")]
-    assert draw(torch.tensor(probs, dtype=torch.float64), int(match.group(2)), int(match.group(3))) == int(
-        match.group(4))
-
-
-def test_rng_rejects_seeds_outside_uint64() -> None:
-    for bad in (-1, 2**64, 1.5, True):
-        with pytest.raises(ValueError):
-            uniform(bad, 0)  # type: ignore[arg-type]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Parameters
-
-
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("temperature", -0.1, "out of range; allowed: number 0..5"),
-    ("temperature", 5.01, "out of range"),
-    ("temperature", float("nan"), "not a finite number"),
-    ("temperature", float("inf"), "not a finite number"),
-    ("temperature", "0.5", "not a number"),
-    ("temperature", True, "not a number"),
-    ("temperature", None, "not a number"),
-    ("top_p", 2.5, "out of range; allowed: number 0..2"),
-    ("top_p", -1e-9, "out of range"),
-    ("top_p", [0.5], "not a number"),
-    ("top_k", 0, "out of range; allowed: integer 1..50"),
-    ("top_k", 51, "out of range"),
-    ("top_k", 2.5, "not an integer"),
-    ("top_k", False, "not an integer"),
-    ("top_k", float("inf"), "not a finite number"),
-    ("seed", 0, "out of range; allowed: integer 1..9999999999"),
-    ("seed", 10_000_000_000, "out of range"),
-    ("seed", "42", "not an integer"),
-    ("repetition_penalty", 2.0000001, "out of range; allowed: number 0..2"),
-    ("repetition_penalty", float("-inf"), "not a finite number"),
-    ("frequency_penalty", -0.5, "out of range"),
-    ("presence_penalty", 3, "out of range"),
-    ("presence_penalty", float("nan"), "not a finite number"),
-    ("max_tokens", 0, "out of range; allowed: integer >= 1"),
-    ("max_tokens", 1.5, "not an integer"),
-])
-def test_bad_params_name_the_field_value_and_range(field: str, value: object, message: str) -> None:
-    with pytest.raises(InvalidSamplingParams, match=re.escape(message)) as err:
-        SamplingParams(**{field: value})  # type: ignore[arg-type]
-    assert str(err.value).startswith(f"{field}: {value!r} ")
-    if value is not None:  # from_dict treats None as absent
-        with pytest.raises(InvalidSamplingParams, match=re.escape(field)):
-            SamplingParams.from_dict({field: value})
-
-
-def test_params_defaults_and_normalisation() -> None:
-    sp = SamplingParams.from_dict({"top_k": 2.0, "seed": 7.0, "top_p": 1, "repetition_penalty": 0})
-    assert (sp.top_k, sp.seed, sp.top_p, sp.repetition_penalty) == (2, 7, 1.0, 0.0)
-    assert type(sp.top_k) is int and type(sp.top_p) is float
-    assert (sp.temperature, sp.max_tokens, sp.frequency_penalty) == (0.6, 256, None)
-    assert SamplingParams.from_dict({"temperature": None}).temperature == 0.6
-    assert SamplingParams(top_k=np.int64(3)).top_k == 3
-    with pytest.raises(InvalidSamplingParams, match="'prompt' is not a sampling field"):
-        SamplingParams.from_dict({"prompt": "hi"})
-    with pytest.raises(InvalidSamplingParams, match="not a mapping"):
-        SamplingParams.from_dict([("top_k", 1)])  # type: ignore[arg-type]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# History, trace, logprobs
-
-
-def test_penalty_state_grows_incrementally() -> None:
-    state = PenaltyState([5, 1, 5], [])
-    for t in [2, 2, 9, *range(100, 200)]:
-        state.add_output(t)
-    state.add_output([1, 1])
-    fresh = PenaltyState([5, 1, 5], [2, 2, 9, *range(100, 200), 1, 1])
-    assert torch.equal(state.seen_mask(300), fresh.seen_mask(300))
-    assert torch.equal(state.output_counts(300), fresh.output_counts(300))
-    assert state.output_counts(300)[[1, 2, 5, 9, 150]].tolist() == [2, 2, 0, 1, 1]
-    with pytest.raises(SamplingError):
-        state.add_output(-1)
+# Trace, the allowed mask, logprobs
 
 
 def test_trace_final_stage_is_the_distribution_and_formats() -> None:
@@ -570,16 +351,6 @@ def test_sample_applies_the_allowed_mask_per_row() -> None:
         sample(x, rows, allowed=allowed[:1])
 
 
-def test_history_accepts_tensors_and_arrays() -> None:
-    a = PenaltyState(torch.tensor([3, 4, 3]), np.array([5, 5, 3]))
-    b = PenaltyState([3, 4, 3], [5, 5, 3])
-    assert a.ids.tolist() == b.ids.tolist() == [3, 4, 5]
-    assert a.counts.tolist() == b.counts.tolist() == [1, 0, 2]
-    for bad in ([1.5], [-1], [True]):
-        with pytest.raises(SamplingError):
-            PenaltyState(bad)
-
-
 def test_logprobs_under_raw_and_final_distributions() -> None:
     x = _fake_logits([9], 200)[None].repeat(2, 1)
     rows = [RequestState.start({"temperature": 0.9, "top_k": 10, "seed": 5}, [1]),
@@ -610,3 +381,27 @@ def test_same_tokens_on_cpu_and_gpu() -> None:
     for i in range(8):
         assert torch.equal(distribution(logits[i], MIXED[i], prompts[i]),
                            distribution(logits[i].cuda(), MIXED[i], prompts[i]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The package
+
+
+def test_every_public_name_is_exported_and_no_module_shadows_one() -> None:
+    import qwen_ref.sampling as sampling
+
+    for module in pkgutil.iter_modules(sampling.__path__):
+        importlib.import_module(f"qwen_ref.sampling.{module.name}")  # importing a submodule sets a package attribute
+        assert module.name not in sampling.__all__, f"module {module.name} has the name of a public function"
+    for name in sampling.__all__:
+        assert getattr(sampling, name) is not None and not inspect.ismodule(getattr(sampling, name)), name
+    assert sampling.distribution is distribution and sampling.trace is trace and callable(sampling.sample)
+    assert "greedy" not in sampling.__all__ and sampling.RowDistribution.__dataclass_fields__["one_hot"]
+
+
+def test_the_python_examples_of_the_docs_run(capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert len(blocks) >= 2
+    for code in blocks:
+        exec(compile(code, str(DOCS), "exec"), {})
+    assert "top_p" in capsys.readouterr().out  # the example prints a trace

@@ -24,9 +24,15 @@ requests = pytest.importorskip("requests")
 sseclient = pytest.importorskip("sseclient")
 
 import qwen_ref  # noqa: E402
-from qwen_ref import server  # noqa: E402
-from qwen_ref.sampling.json_mask import JsonModeNotMet  # noqa: E402
-from qwen_ref.workers_ai.generate import generate, prepare  # noqa: E402
+from qwen_ref.engine import Engine, Finished, Token  # noqa: E402
+from qwen_ref.errors import JsonModeNotMet, QwenRefError  # noqa: E402
+from qwen_ref.server.app import load_models, parse_alias  # noqa: E402
+from qwen_ref.server.bridge import Served, collect, start  # noqa: E402
+from qwen_ref.server.openai import chat_completion, chat_request  # noqa: E402
+from qwen_ref.server.settings import Settings  # noqa: E402
+from qwen_ref.workers_ai.generate import generate  # noqa: E402
+from qwen_ref.workers_ai.output import Response  # noqa: E402
+from qwen_ref.workers_ai.request import prepare  # noqa: E402
 from qwen_ref.workers_ai.validate import validate_output  # noqa: E402
 
 TOKEN = "test-token-123"
@@ -263,20 +269,17 @@ def test_openai_errors_reach_the_client_as_exceptions(srv):
         bad.chat.completions.create(model=QWEN15, messages=[{"role": "user", "content": "hi"}])
 
 
-def test_openai_tool_calls_are_in_openai_shape():
-    chat = server.chat_request({"model": "m", "messages": [{"role": "user", "content": "weather?"}], "tools": [
+def test_openai_tool_calls_are_in_openai_shape(qwen25):
+    chat = chat_request({"model": "m", "messages": [{"role": "user", "content": "weather?"}], "tools": [
         {"type": "function", "function": {"name": "getWeather", "parameters": {"type": "object", "properties": {
             "city": {"type": "string", "description": "City"}}}}}]})
     assert chat.body["tools"][0]["function"]["description"] == ""  # the Workers schema requires one
-    outcome = server.Outcome({"response": "", "tool_calls": [{"name": "getWeather", "arguments": {"city": "Oslo"}}],
-                              "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}},
-                             '<tool_call>\n{"name": "getWeather", "arguments": {"city": "Oslo"}}\n</tool_call>',
-                             "tool_calls")
-
-    class NoConstraint:
-        constraint = None
-
-    done = server.chat_completion(chat, NoConstraint(), outcome)  # type: ignore[arg-type]
+    output = Response(qwen25.tokenizer, prepare(qwen25, chat.body))
+    text = '<tool_call>\n{"name": "getWeather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    for token in qwen25.tokenizer.encode(text):
+        output.push(Token(token))
+    output.push(Finished("stop"))
+    done = chat_completion(chat, output)
     choice = done["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     call = choice["message"]["tool_calls"][0]
@@ -286,7 +289,7 @@ def test_openai_tool_calls_are_in_openai_shape():
 
 def test_openai_history_with_tool_calls_renders_as_qwen_does():
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
-    chat = server.chat_request({"model": "m", "messages": [
+    chat = chat_request({"model": "m", "messages": [
         {"role": "user", "content": "go"},
         {"role": "assistant", "content": None, "tool_calls": [call, call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "42"}]})
@@ -421,7 +424,6 @@ BAD_REQUESTS = [
     ("bare-bearer", "POST", RUN, {"Authorization": "Bearer"}, _body(GOOD), 401, 10000),
     ("token-prefix", "POST", RUN, {"Authorization": f"Bearer {TOKEN[:-1]}"}, _body(GOOD), 401, 10000),
     ("unknown-model", "POST", "/client/v4/accounts/a/ai/run/@cf/qwen/nope", AUTH, _body(GOOD), 400, 5007),
-    ("logprobs-extension", "POST", RUN, AUTH, _body({**GOOD, "logprobs": 2}), 400, 5006),
     ("unknown-model-short-route", "POST", "/ai/run/@cf/meta/llama", AUTH, _body(GOOD), 400, 5007),
     ("truncated-json", "POST", RUN, AUTH, b'{"prompt": ', 400, 5006),
     ("empty-body", "POST", RUN, AUTH, b"", 400, 5006),
@@ -506,19 +508,16 @@ def test_still_answers_after_the_bad_requests(srv):
 # The engine in-process: a request that must run alone, and deadlines
 
 
-def _run_engine(qwen, jobs: list[tuple[dict[str, Any], bool, float]]) -> list[Any]:
-    """Submit (body, alone, timeout) jobs at once; each one's outcome or ApiError."""
-    served = server.Served("m", qwen, server.Engine(qwen, max_batch=4))
+def _run_engine(qwen, jobs: list[tuple[dict[str, Any], float]]) -> list[Any]:
+    """Submit (body, timeout) jobs at once through the server's bridge; each one's result or typed error."""
+    served = Served("m", qwen, Engine(qwen.model, max_running=4))
     served.engine.start()
 
-    async def one(body: dict[str, Any], alone: bool, timeout: float) -> Any:
-        prepared = prepare(qwen, body)
-        if alone:
-            prepared.inputs["lora"] = "stand-in"  # what a LoRA request looks like to the scheduler
-        ticket = server.submit(served, body, prepared, timeout)
+    async def one(body: dict[str, Any], timeout: float) -> Any:
+        output = await collect(await start(served, body, Settings(timeout_s=timeout)))
         try:
-            return await server.collect(qwen, prepared, ticket)
-        except server.ApiError as e:
+            return output.result()
+        except QwenRefError as e:
             return e
 
     async def run_all() -> list[Any]:
@@ -530,24 +529,28 @@ def _run_engine(qwen, jobs: list[tuple[dict[str, Any], bool, float]]) -> list[An
         served.engine.close()
 
 
-def test_a_request_that_runs_alone_waits_for_the_batch_and_matches_generate(qwen15):
-    bodies = [{"prompt": f"p{i}", "max_tokens": 6, "seed": i + 1} for i in range(4)]
-    outcomes = _run_engine(qwen15, [(bodies[0], False, 60), (bodies[1], True, 60), (bodies[2], False, 60),
-                                    (bodies[3], False, 60)])
-    assert [o.output for o in outcomes] == [generate(qwen15, b) for b in bodies]
+def test_requests_through_the_bridge_match_generate(qwen15):
+    bodies = [{"prompt": f"p{i}", "max_tokens": 6 + i, "seed": i + 1} for i in range(6)]
+    assert _run_engine(qwen15, [(b, 60) for b in bodies]) == [generate(qwen15, b) for b in bodies]
 
 
 def test_a_request_past_its_deadline_is_a_408(qwen15):
-    outcomes = _run_engine(qwen15, [({"prompt": "x", "max_tokens": 4}, False, 0.0),
-                                    ({"prompt": "y", "max_tokens": 4, "seed": 2}, False, 60)])
-    assert isinstance(outcomes[0], server.ApiError) and (outcomes[0].status, outcomes[0].code) == (408, 3007)
-    assert outcomes[1].output == generate(qwen15, {"prompt": "y", "max_tokens": 4, "seed": 2})
+    outcomes = _run_engine(qwen15, [({"prompt": "x", "max_tokens": 4}, 0.0),
+                                    ({"prompt": "y", "max_tokens": 4, "seed": 2}, 60)])
+    assert isinstance(outcomes[0], QwenRefError) and (outcomes[0].status, outcomes[0].code) == (408, 3007)
+    assert outcomes[1] == generate(qwen15, {"prompt": "y", "max_tokens": 4, "seed": 2})
+
+
+def test_the_logprobs_extension_through_the_server(srv, qwen25):
+    body = {"prompt": "Hello", "max_tokens": 5, "seed": 3, "logprobs": 2}
+    r = httpx.post(srv.run_url("tiny"), headers=srv.auth, json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["result"] == generate(qwen25, body)
 
 
 def test_aliases_take_the_workers_ai_model(tmp_path, tiny):
     with pytest.raises(qwen_ref.QwenRefError, match="NAME=SOURCE"):
-        server.parse_alias("no-equals-sign")
-    served = server.load_models([str(tiny("qwen1.5"))], [f"{QWEN15}={tiny('qwen1.5')}"])
+        parse_alias("no-equals-sign")
+    served = load_models([str(tiny("qwen1.5"))], [f"{QWEN15}={tiny('qwen1.5')}"])
     assert set(served) == {str(tiny("qwen1.5")), QWEN15}
     assert served[QWEN15].engine is served[str(tiny("qwen1.5"))].engine  # one checkpoint, one engine
     assert served[QWEN15].qwen.known.context_window == 32000

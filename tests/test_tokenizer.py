@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import qwen_ref
 import qwen_ref.tokenizer.build as qt
 from qwen_ref.errors import TokenizerError
 from qwen_ref.tokenizer import (
@@ -30,6 +31,7 @@ from qwen_ref.tokenizer import (
     load_tokenizer,
     read_rank_file,
 )
+from qwen_ref.tokenizer.detok import IncrementalDetokenizer, detokenize
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "qwen_ref" / "data" / "chat_templates"
@@ -437,3 +439,17 @@ def test_cache_failed_build_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(TokenizerError, match="boom"):
         default_tokenizer_dir("qwen2.5")
     assert list((tmp_path / "tokenizers").iterdir()) == []
+
+
+def test_incremental_detokenizer_never_splits_a_character(tiny):
+    tok = qwen_ref.load(tiny("qwen2.5")).tokenizer
+    text = "naïve 日本語 😀🎉 café — 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 <|im_end|> end"
+    ids = tok.encode(text)
+    d = IncrementalDetokenizer(tok)
+    chunks = [d.push(i) for i in ids] + [d.flush()]
+    assert "".join(chunks) == text.replace("<|im_end|>", "")
+    for c in chunks:
+        c.encode("utf-8")  # every chunk is whole characters (no lone surrogates, nothing split)
+    # invalid UTF-8 (a lone continuation byte, a truncated 3-byte lead) becomes U+FFFD, the same in pieces
+    stray = [next(i for i in range(256) if tok.token_bytes(i) == b) for b in (b"\x80", b"a", b"\xe6", b"b")]
+    assert detokenize(tok, stray) == b"\x80a\xe6b".decode("utf-8", errors="replace") == "\ufffda\ufffdb"

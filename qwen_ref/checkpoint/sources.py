@@ -6,7 +6,16 @@ import os
 import re
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
 from qwen_ref import known_models
+from qwen_ref.checkpoint.tiny import DEFAULT_PRESET, PRESETS, cached_tiny_checkpoint
 from qwen_ref.errors import SourceNotFoundError
 
 # What a hub download fetches: configs, weights, tokenizer. Never pickle files.
@@ -28,8 +37,6 @@ def resolve_source(source: str | os.PathLike[str]) -> tuple[Path, known_models.K
     """A local directory for source: "tiny[:PRESET]", a directory, a Workers AI id or a hub repo id."""
     text = os.fspath(source)
     if text == "tiny" or text.startswith("tiny:"):
-        from qwen_ref.checkpoint.tiny import DEFAULT_PRESET, PRESETS, cached_tiny_checkpoint
-
         preset = text.partition(":")[2] or DEFAULT_PRESET
         if preset not in PRESETS:
             raise SourceNotFoundError(f"source: {text!r}: unknown tiny preset; allowed: "
@@ -57,14 +64,6 @@ def resolve_source(source: str | os.PathLike[str]) -> tuple[Path, known_models.K
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from qwen_ref.config import QwenConfig, RopeConfig
 from qwen_ref.disk_cache import build_once, cache_root
 from qwen_ref.errors import QwenRefError
+from qwen_ref.tokenizer.build import default_tokenizer_dir
 
 QWEN_VOCAB = 151936  # rows of embed/lm_head in Qwen1.5/2/2.5 up to 14B (the tokenizer knows 151665 ids)
 CODER_32B_VOCAB = 152064
@@ -123,12 +124,17 @@ def random_state_dict(config: QwenConfig, seed: int) -> dict[str, torch.Tensor]:
 
 
 def make_tiny_checkpoint(preset: str, out_dir: str | Path, *, seed: int = 0, dtype: str | None = None,
-                         with_tokenizer: bool = True) -> Path:
+                         with_tokenizer: bool = True, layers: int | None = None) -> Path:
+    """A random-weight checkpoint of the preset's shapes; `layers` keeps only that many decoder layers."""
     if preset not in PRESETS:
         raise QwenRefError(f"preset: {preset!r} is unknown; allowed: {', '.join(PRESETS)}")
     spec = PRESETS[preset]
     dtype = dtype or spec.stored_dtype
     config = replace(spec.config, torch_dtype=dtype)
+    if layers is not None:
+        if not 1 <= layers <= config.num_hidden_layers:
+            raise QwenRefError(f"layers: {layers} is out of range; allowed: 1..{config.num_hidden_layers}")
+        config = replace(config, num_hidden_layers=layers, layer_types=config.layer_types[:layers])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -140,8 +146,6 @@ def make_tiny_checkpoint(preset: str, out_dir: str | Path, *, seed: int = 0, dty
     _write_json(out / "config.json", hf_config)
     _write_json(out / "generation_config.json", {**spec.generation, "transformers_version": "4.43.1"})
     if with_tokenizer:
-        from qwen_ref.tokenizer.build import default_tokenizer_dir
-
         for f in sorted(default_tokenizer_dir(spec.flavor).iterdir()):
             if f.is_file():
                 shutil.copyfile(f, out / f.name)

@@ -22,6 +22,12 @@ from torch import nn
 
 from qwen_ref.errors import CheckpointError
 from qwen_ref.models import torch_ops
+from qwen_ref_kernels.invariant_linear import (  # the module needs no compiler until extension() builds it
+    SUPPORTED_WEIGHT_DTYPES,
+    InvariantLinearUnavailable,
+    extension,
+    linears_unchecked,
+)
 
 KERNELS = ("torch", "triton", "auto")
 DECODE_LINEARS = ("torch", "invariant")
@@ -121,14 +127,6 @@ def _triton_ops() -> dict:
 
 
 def _invariant_linear(model: nn.Module) -> Callable[[torch.Tensor, Sequence[nn.Linear]], list[torch.Tensor]]:
-    # the optional C++ kernel's one boundary: built (or found in the cache) now, so a missing compiler shows at load
-    from qwen_ref_kernels.invariant_linear import (
-        SUPPORTED_WEIGHT_DTYPES,
-        InvariantLinearUnavailable,
-        extension,
-        linears_unchecked,
-    )
-
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             w = m.weight
@@ -137,7 +135,7 @@ def _invariant_linear(model: nn.Module) -> Callable[[torch.Tensor, Sequence[nn.L
                                       f"{name}.weight is {w.dtype} on {w.device}"
                                       f"{'' if w.is_contiguous() else ', not contiguous'}")
     try:
-        extension()
+        extension()  # built (or found in the cache) now, so that a missing compiler shows at load time
     except InvariantLinearUnavailable as e:
         raise CheckpointError(f"decode_linear='invariant': {e}") from None
 

@@ -144,7 +144,8 @@ class QwenForCausalLM(nn.Module):
         num_new: torch.Tensor | None = None,
         last_only: bool = False,
         lora: Any = None,
-    ) -> torch.Tensor:
+        compute_logits: bool = True,
+    ) -> torch.Tensor | None:
         """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in float32, float64 in float64 mode.
 
         Without a cache: a full causal forward over input_ids [B, T] at positions 0..T-1.
@@ -152,6 +153,7 @@ class QwenForCausalLM(nn.Module):
         says how many of them are real; the rest are right padding whose keys the row never reads, and the
         cache advances by num_new. last_only keeps the logits of each row's last real token.
         lora: a qwen_ref.lora.RowAdapters giving each row its own adapter (or none), applied unmerged.
+        compute_logits=False only fills the cache (a prefill chunk before the prompt's last) and returns None.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -168,6 +170,8 @@ class QwenForCausalLM(nn.Module):
         hidden = self.model(input_ids, fwd)  # [B, T, hidden]
         if cache is not None:
             cache.advance(num_new)
+        if not compute_logits:
+            return None
         if last_only:
             last = (num_new - 1).clamp(min=0)
             hidden = hidden[torch.arange(B, device=device), last][:, None]  # [B, 1, hidden]

@@ -3,10 +3,8 @@
 Stage 0 of the sampler (docs/sampling.md): before penalties, temperature, top-k and top-p, every token the
 grammar does not allow gets -inf. The mask allows a token when its bytes extend the text so far towards a
 complete JSON value; once the value is complete it allows only the eos ids, so generation ends there.
-docs/json_mode.md describes what is accepted and the limits.
-
-llguidance is an optional dependency (`pip install 'qwen-ref[json]'`); it is imported on first use, so this
-module and its error types import without it.
+json_schema.py turns the request's response_format into the grammar; docs/json_mode.md describes what is
+accepted and the limits. llguidance is optional: this module imports without it.
 """
 
 from __future__ import annotations
@@ -16,157 +14,42 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from qwen_ref.errors import QwenRefError
+from qwen_ref.errors import JSON_MODE_NOT_MET, JsonModeNotMet, QwenRefError
+from qwen_ref.sampling.json_schema import (
+    InvalidJsonSchema,
+    JsonModeUnavailable,
+    Whitespace,
+    check_schema,
+    compile_grammar,
+    json_schema_of,
+    load_llguidance,
+)
 
 if TYPE_CHECKING:
     import llguidance
 
     from qwen_ref.tokenizer.runtime import QwenTokenizer
 
-JSON_MODE_NOT_MET = "JSON Mode couldn't be met"  # the service's message, word for word
-
-Whitespace = Literal["bounded", "compact", "flexible"]
-# What may stand between two JSON tokens (llguidance never allows whitespace before or after the value):
-# - bounded: nothing, one space, or a newline and up to 20 spaces/tabs (llama.cpp's json.gbnf rule). Compact,
-#   json.dumps-style and indented JSON all fit, but a run of blank lines does not, so a model cannot stall
-#   on whitespace until max_tokens.
-# - compact: nothing: {"a":1,"b":[2,3]}.
-# - flexible: any JSON whitespace, any amount (llguidance's default; runaway whitespace is possible).
-_WHITESPACE: dict[str, dict[str, Any]] = {
-    "bounded": {"whitespace_pattern": r"(?: |\n[ \t]{0,20})"},
-    "compact": {"whitespace_flexible": False},
-    "flexible": {"whitespace_flexible": True},
-}
-# \u00e9-style escapes in strings, as json.dumps writes non-ASCII text by default (llguidance's default only allows
-# them for control characters). Strings with a pattern, format or enum still take their characters literally.
-_ESCAPES = {"json_allow_general_unicode_escapes": True}
-# OpenAI's response_format.json_schema is {"name", "schema", "strict", "description"}; Workers AI's is the schema
-_WRAPPER_KEYS = frozenset({"name", "description", "schema", "strict"})
-_ROOT = "/response_format/json_schema"
-
-
-class JsonModeUnavailable(QwenRefError, ImportError):
-    """llguidance, which JSON mode needs, is not installed."""
-
-
-class InvalidJsonSchema(QwenRefError, ValueError):
-    """response_format is malformed, or its schema is invalid or uses what JSON mode cannot enforce.
-    `.path` is the JSON pointer of the problem inside the request, `.detail` the problem."""
-
-    def __init__(self, path: str, detail: str) -> None:
-        super().__init__(f"{path}: {detail}")
-        self.path = path
-        self.detail = detail
-
-    def __reduce__(self) -> tuple[type[InvalidJsonSchema], tuple[str, str]]:
-        return type(self), (self.path, self.detail)
-
-
-class JsonModeNotMet(QwenRefError):
-    """The output is not a complete JSON value matching the schema (max_tokens ran out first). The message is
-    the service's, word for word; `.detail` says what happened."""
-
-    def __init__(self, detail: str = "") -> None:
-        super().__init__(JSON_MODE_NOT_MET)
-        self.detail = detail
-
-    def __reduce__(self) -> tuple[type[JsonModeNotMet], tuple[str]]:
-        return type(self), (self.detail,)
+__all__ = [  # json_schema.py's public names too: JSON mode's callers import everything from here
+    "JSON_MODE_NOT_MET",
+    "InvalidJsonSchema",
+    "JsonConstraint",
+    "JsonConstraintError",
+    "JsonModeNotMet",
+    "JsonModeUnavailable",
+    "Whitespace",
+    "batch_allowed",
+    "json_schema_of",
+]
 
 
 class JsonConstraintError(QwenRefError, RuntimeError):
     """A token the mask forbids was fed to advance(), or llguidance failed: a bug, not the caller's fault."""
-
-
-def _llguidance() -> Any:
-    try:
-        import llguidance
-    except ImportError as e:
-        raise JsonModeUnavailable(
-            f"JSON mode (response_format) needs llguidance, which is not installed ({e}); "
-            "install it with: pip install 'qwen-ref[json]'"
-        ) from e
-    return llguidance
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The request's schema
-
-
-def json_schema_of(response_format: Any) -> tuple[dict[str, Any] | bool, str]:
-    """The JSON Schema a response_format asks for, and its JSON pointer in the request.
-
-    {"type": "json_object"} is any JSON object. {"type": "json_schema", "json_schema": S} takes S as the schema
-    (Workers AI's form), unless S is OpenAI's wrapper: an object with a "schema" key and no keys other than
-    name, description, schema and strict; then its "schema" is used ("strict" is accepted and ignored: JSON
-    mode always enforces the schema)."""
-    if not isinstance(response_format, dict):
-        raise InvalidJsonSchema("/response_format", f"expected an object, got {_show(response_format)}")
-    kind = response_format.get("type")
-    if kind == "json_object":
-        if "json_schema" in response_format:
-            raise InvalidJsonSchema(_ROOT, "only allowed with type 'json_schema', not with 'json_object'")
-        return {"type": "object"}, "/response_format/type"
-    if kind != "json_schema":
-        raise InvalidJsonSchema("/response_format/type", f"expected 'json_object' or 'json_schema', got {_show(kind)}")
-    if "json_schema" not in response_format:
-        raise InvalidJsonSchema(_ROOT, "required key 'json_schema' is missing; type 'json_schema' needs it")
-    schema = response_format["json_schema"]
-    if isinstance(schema, dict) and "schema" in schema and set(schema) <= _WRAPPER_KEYS:
-        _check_wrapper(schema)
-        return schema["schema"], f"{_ROOT}/schema"
-    return schema, _ROOT
-
-
-def _check_wrapper(wrapper: dict[str, Any]) -> None:
-    for key, kind in (("name", str), ("description", str), ("strict", bool)):
-        if key in wrapper and not isinstance(wrapper[key], kind):
-            raise InvalidJsonSchema(f"{_ROOT}/{key}", f"expected {'a boolean' if kind is bool else 'a string'}, "
-                                                      f"got {_show(wrapper[key])}")
-
-
-def _check_schema(schema: Any, path: str) -> None:
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-    from jsonschema.validators import validator_for
-
-    if not isinstance(schema, (dict, bool)):
-        raise InvalidJsonSchema(path, f"expected a JSON Schema (an object or a boolean), got {_show(schema)}")
-    if schema is False:
-        raise InvalidJsonSchema(path, "the schema false allows no value, so no output can match it")
-    if isinstance(schema, dict) and not isinstance(schema.get("$schema", ""), str):
-        raise InvalidJsonSchema(f"{path}/$schema", f"expected a string URI, got {_show(schema['$schema'])}")
-    try:
-        validator_for(schema, default=Draft202012Validator).check_schema(schema)
-    except SchemaError as e:
-        where = "".join(f"/{str(p).replace('~', '~0').replace('/', '~1')}" for p in e.absolute_path)
-        raise InvalidJsonSchema(path + where, f"not a valid JSON Schema: {e.message}") from None
-
-
-def _grammar(schema: dict[str, Any] | bool, path: str, whitespace: Whitespace) -> str:
-    llg = _llguidance()
-    if whitespace not in _WHITESPACE:
-        raise ValueError(f"whitespace {whitespace!r} is not one of {', '.join(_WHITESPACE)}")
-    # llguidance reads options from a top-level "x-guidance" key; some (lenient, coerce_one_of) would let
-    # through output the schema rejects, so it is dropped: the request's schema means what JSON Schema says
-    plain = {} if schema is True else {k: v for k, v in schema.items() if k != "x-guidance"}
-    try:
-        return llg.LLMatcher.grammar_from_json_schema(plain, overrides={**_WHITESPACE[whitespace], **_ESCAPES})
-    except ValueError as e:
-        raise InvalidJsonSchema(path, f"JSON mode cannot use this schema: {e}") from None
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,7 +87,7 @@ _LOCK = threading.Lock()
 
 def _vocab(tokenizer: QwenTokenizer, vocab_size: int, eos_ids: Sequence[int] | None) -> _Vocab:
     """Built once per (tokenizer, vocab_size, eos ids) and cached while the tokenizer lives (about 2 s)."""
-    llg = _llguidance()
+    llg = load_llguidance()
     if eos_ids is None:
         eos_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     eos = tuple(dict.fromkeys(int(i) for i in eos_ids))
@@ -267,24 +150,24 @@ class JsonConstraint:
         """vocab_size is the model's logits width (151936 or 152064), eos_ids the ids that end generation
         (pass the checkpoint's, e.g. Qwen.eos_token_ids; default: the tokenizer's eos token)."""
         schema, path = json_schema_of(response_format)
-        _check_schema(schema, path)
-        grammar = _grammar(schema, path, whitespace)
+        check_schema(schema, path)
+        grammar = compile_grammar(schema, path, whitespace)
         vocab = _vocab(tokenizer, vocab_size, eos_ids)
-        llg = _llguidance()
+        llg = load_llguidance()
         matcher = llg.LLMatcher(vocab.ll, grammar, log_level=0)  # compiles the grammar: about 1 ms
         if matcher.is_error():
             raise InvalidJsonSchema(path, f"JSON mode cannot enforce this schema: {matcher.get_error()}")
         return cls(matcher, vocab, schema)
 
     def allowed_mask(self) -> torch.Tensor:
-        """A new bool tensor [vocab_size] on the CPU: True where the token may come next."""
-        if self._fill_words(self._words, 0):
+        """A new bool tensor [vocab_size] on the CPU: True where the token may come next. Raises
+        JsonConstraintError if the matcher failed (after a refused token, or inside llguidance)."""
+        self._check_not_failed()
+        if self.is_finished():
             return self._eos_only()
-        return _unpack(self._words, self.vocab_size)[0]
-
-    def fill_allowed(self, out: torch.Tensor) -> None:
-        """Write allowed_mask() into a preallocated bool row `out` [vocab_size] (on any device)."""
-        out.copy_(self.allowed_mask())
+        self._compute_words(self._words[0])
+        self._check_words(self._words[0])
+        return _unpack(self._words, self.vocab_size)[0]  # [1, V] -> [V]
 
     def advance(self, token_id: int) -> None:
         """Feed the token the sampler chose; it must be one allowed_mask() allowed."""
@@ -317,14 +200,13 @@ class JsonConstraint:
         except ValueError as e:  # the grammar guarantees valid JSON; a text/token mismatch lands here
             raise JsonModeNotMet(f"the output is not valid JSON: {e}") from e
 
-    def _fill_words(self, words: torch.Tensor, row: int) -> bool:
-        """Fill row `row` of a packed mask; True if instead the row allows only the eos ids."""
-        if self._ended or self._matcher.is_stopped():
-            return True
-        target = words[row]
-        self._matcher.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * 4)
-        self._check_words(target)
-        return False
+    def _check_not_failed(self) -> None:
+        # a matcher in an error state also reports is_stopped(); without this check it would look finished
+        if self._matcher.is_error():
+            raise JsonConstraintError(f"the JSON matcher is in an error state: {self._error()}")
+
+    def _compute_words(self, target: torch.Tensor) -> None:
+        self._matcher.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * 4)  # int32 words: 4 bytes each
 
     def _check_words(self, words: torch.Tensor) -> None:
         if self._matcher.is_error():
@@ -350,32 +232,61 @@ def _clear_bits(words: torch.Tensor, start: int) -> None:
     words[first:] = 0
 
 
-def batch_allowed(constraints: Sequence[JsonConstraint | None], vocab_size: int) -> torch.Tensor | None:
-    """Stage 0 for a batch: bool [B, vocab_size] on the CPU, or None when no row is in JSON mode. Rows
-    without a constraint allow every token. The constrained rows' masks are computed in parallel."""
+def batch_allowed(constraints: Sequence[JsonConstraint | None],
+                  vocab_size: int) -> tuple[torch.Tensor | None, dict[int, JsonConstraintError]]:
+    """Stage 0 for a batch: bool [B, vocab_size] on the CPU (None when no row is in JSON mode), and the rows
+    whose mask could not be computed, each with its error.
+
+    Rows without a constraint allow every token, finished rows only the eos ids. A failed row also allows
+    every token, so the batch can still be sampled; the caller fails that row alone. Whatever one row's
+    constraint raises is caught for that row (as a JsonConstraintError), so one broken request never breaks
+    the rows beside it. The constrained rows' masks are computed in parallel."""
     if all(c is None for c in constraints):
-        return None
+        return None, {}
     words = _words(vocab_size, len(constraints))
-    jobs, eos_rows, free_rows = [], [], []
+    failed: dict[int, JsonConstraintError] = {}
+    eos_only: dict[int, torch.Tensor] = {}
+    jobs: list[tuple[int, JsonConstraint]] = []
     for row, c in enumerate(constraints):
         if c is None:
-            free_rows.append(row)
-        elif c.vocab_size != vocab_size:
-            raise ValueError(f"row {row}: constraint built for vocab_size {c.vocab_size}, not {vocab_size}")
-        elif c.is_finished():
-            eos_rows.append(row)
-        else:
-            jobs.append((c, row))
+            continue
+        try:
+            if c.vocab_size != vocab_size:
+                raise JsonConstraintError(f"the constraint was built for vocab_size {c.vocab_size}, not {vocab_size}")
+            c._check_not_failed()
+            if c.is_finished():
+                eos_only[row] = c._eos_only()
+            else:
+                jobs.append((row, c))
+        except Exception as e:
+            failed[row] = _row_error(e)
     if jobs:
-        _executor().unsafe_compute_mask_ptr([(c._matcher, row) for c, row in jobs], words.data_ptr(),
-                                            words.shape[1] * 4, words.shape[0])
-        for c, row in jobs:
-            c._check_words(words[row])
+        try:
+            _executor().unsafe_compute_mask_ptr([(c._matcher, row) for row, c in jobs], words.data_ptr(),
+                                                words.shape[1] * 4, words.shape[0])  # bytes per row, rows
+            computed = True
+        except Exception:  # the parallel call failed as a whole: compute each row alone, so only the bad row fails
+            computed = False
+        for row, c in jobs:
+            try:
+                if not computed:
+                    c._compute_words(words[row])
+                c._check_words(words[row])
+            except Exception as e:
+                failed[row] = _row_error(e)
     mask = _unpack(words, vocab_size)
-    for row in eos_rows:
-        mask[row] = constraints[row]._eos_only()  # type: ignore[union-attr]
-    mask[free_rows] = True
-    return mask
+    for row, eos in eos_only.items():
+        mask[row] = eos
+    mask[[row for row, c in enumerate(constraints) if c is None or row in failed]] = True
+    return mask, failed
+
+
+def _row_error(error: Exception) -> JsonConstraintError:
+    if isinstance(error, JsonConstraintError):
+        return error
+    wrapped = JsonConstraintError(f"the JSON mask could not be computed: {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
 
 
 _EXECUTOR: list[Any] = []
@@ -384,5 +295,5 @@ _EXECUTOR: list[Any] = []
 def _executor() -> Any:
     with _LOCK:
         if not _EXECUTOR:
-            _EXECUTOR.append(_llguidance().LLExecutor())
+            _EXECUTOR.append(load_llguidance().LLExecutor())
         return _EXECUTOR[0]

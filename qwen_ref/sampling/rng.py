@@ -72,3 +72,9 @@ def uniform(seed: int, step: int) -> float:
 def fresh_seed() -> int:
     """A seed from the OS entropy source, uniform over the schema's range [1, 9999999999]."""
     return SEED_MIN + secrets.randbelow(SEED_MAX - SEED_MIN + 1)
+
+
+def sample_seed(seed: int, i: int) -> int:
+    """The seed of sample i (0, 1, ...) of a request with `seed` sampled n times: seed, seed + 1, ...,
+    wrapping from SEED_MAX back to SEED_MIN, so every sample's seed is in the schema's range."""
+    return (seed - SEED_MIN + i) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from qwen_ref.engine import DEFAULT_PREFILL_CHUNK
 from qwen_ref.errors import QwenRefError
-from qwen_ref.server.app import (
+from qwen_ref.server.settings import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_QUEUE,
@@ -19,8 +20,6 @@ from qwen_ref.server.app import (
     DEFAULT_TIMEOUT_S,
     TOKEN_ENV,
     Settings,
-    create_app,
-    load_models,
 )
 
 
@@ -48,11 +47,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds a request may take, queueing included (default {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                         help=f"largest request body accepted (default {DEFAULT_MAX_BODY})")
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                        help="prompt tokens prefilled per engine step; smaller: running requests wait less while a "
+                             f"long prompt is prefilled; larger: faster prefill (default {DEFAULT_PREFILL_CHUNK})")
+    parser.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
+                        help="KV cache budget per model in GiB: requests that could need more wait, or are refused "
+                             "when they never fit (default: half the memory available at start)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for flag in ("max_batch", "max_queue", "max_body_bytes", "timeout", "threads"):
+    for flag in ("max_batch", "max_queue", "max_body_bytes", "timeout", "threads", "prefill_chunk", "kv_memory"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise QwenRefError(f"--{flag.replace('_', '-')} must be > 0")
 
@@ -60,16 +65,20 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def run_server(args: argparse.Namespace, load_options: Mapping[str, Any]) -> int:
     """Load the models and serve until interrupted (the `qwen-ref serve` command)."""
     try:
+        # the serve extra's one boundary: starlette and uvicorn are imported when the server runs
         import uvicorn
-    except ImportError:
-        raise QwenRefError("serve needs the serve extra: pip install 'qwen-ref[serve]'") from None
+
+        from qwen_ref.server.app import create_app, load_models
+    except ImportError as e:
+        raise QwenRefError(f"serve needs the serve extra: pip install 'qwen-ref[serve]' ({e})") from None
     _check_numbers(args)
     token = args.api_token or os.environ.get(TOKEN_ENV) or None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    served = load_models(args.sources, args.name, load_options, max_batch=args.max_batch, max_queue=args.max_queue,
-                         exact=args.batching == "exact")
-    app = create_app(served, Settings(token, args.max_body_bytes, args.timeout))
+    kv_memory = None if args.kv_memory is None else int(args.kv_memory * 2**30)
+    served = load_models(args.sources, args.name, load_options, exact=args.batching == "exact",
+                         max_running=args.max_batch, prefill_chunk=args.prefill_chunk, kv_memory=kv_memory)
+    app = create_app(served, Settings(token, args.max_body_bytes, args.timeout, args.max_queue))
     base = f"http://{args.host}:{args.port}"
     for name in served:
         print(f"qwen-ref serve: {name} at {base}/client/v4/accounts/ACCOUNT_ID/ai/run/{name}", file=sys.stderr)

@@ -11,15 +11,14 @@ import torch
 from qwen_ref.errors import QwenRefError
 from qwen_ref.models.kv_cache import KVCache
 from qwen_ref.qwen import Qwen
-from qwen_ref.sampling.sampler import Trace, format_trace, trace
-from qwen_ref.workers_ai.generate import prepare
+from qwen_ref.sampling import Trace, format_trace, trace
+from qwen_ref.sampling.json_mask import batch_allowed
+from qwen_ref.workers_ai.request import prepare
 
 
 @torch.inference_mode()
 def traces(qwen: Qwen, request: dict[str, Any], steps: int, top: int = 10) -> Iterator[Trace]:
     """A Trace per step; each step continues with the token the request's own draw picks (seed, step)."""
-    from qwen_ref.sampling.json_mask import batch_allowed
-
     p = prepare(qwen, request)
     state = p.state
     model = qwen.model
@@ -29,7 +28,10 @@ def traces(qwen: Qwen, request: dict[str, Any], steps: int, top: int = 10) -> It
     for step in range(steps):
         allowed = None
         if p.constraint is not None:
-            allowed = batch_allowed([p.constraint], logits.shape[-1])[0]
+            mask, failures = batch_allowed([p.constraint], logits.shape[-1])
+            if failures:
+                raise failures[0]
+            allowed = mask[0]
         tr = trace(logits, state.params, p.prompt_ids, output, top, allowed=allowed, seed=state.seed,
                    step=state.step)
         yield tr

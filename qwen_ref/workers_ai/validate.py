@@ -22,30 +22,15 @@ from jsonschema import Draft202012Validator, ValidationError
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from qwen_ref.errors import QwenRefError
+from qwen_ref.errors import InvalidInput, QwenRefError
+from qwen_ref.sampling.json_schema import json_schema_of  # unwraps OpenAI's {"name", "schema"}; no llguidance
 
-BAD_INPUT_CODE = 5006  # the service's error code for a request that fails its schema
 ROLES = ("system", "user", "assistant", "tool")  # the roles the Qwen chat templates render
 MAX_DEPTH = 64  # deepest nesting of objects and arrays accepted anywhere in a request
 INTEGER_FIELDS = ("max_tokens", "top_k", "seed")
 _BRANCH_KEYS = ("prompt", "messages")
 
 Path = tuple[str | int, ...]
-
-
-class InvalidInput(QwenRefError, ValueError):
-    """A request body breaks a rule; `.path` is the JSON pointer of the offending value, `.rule` the rule."""
-
-    code = BAD_INPUT_CODE
-
-    def __init__(self, path: str, rule: str, detail: str) -> None:
-        super().__init__(f"Bad input: {path}: {detail}")
-        self.path = path
-        self.rule = rule
-        self.detail = detail
-
-    def __reduce__(self) -> tuple[type[InvalidInput], tuple[str, str, str]]:
-        return type(self), (self.path, self.rule, self.detail)
 
 
 class InvalidOutput(QwenRefError, AssertionError):
@@ -364,10 +349,6 @@ def _tool_calls_failure(tool_calls: Any) -> str | None:
 def _json_mode_failure(response: Any, response_format: Mapping[str, Any]) -> str | None:
     if response_format.get("type") == "json_object":
         return None if isinstance(response, dict) else f"/response: JSON mode needs an object, got {_show(response)}"
-    from qwen_ref.sampling.json_mask import (
-        json_schema_of,  # unwraps OpenAI's {"name", "schema"} form; needs no llguidance
-    )
-
     schema = json_schema_of(response_format)[0]
     return _schema_failure(validator_for(schema, default=Draft202012Validator)(schema), response, ("response",))
 

@@ -1,5 +1,5 @@
-"""score and compare (qwen_ref.oracle): the reference's numbers, the readers of other backends' outputs, and the
-comparison, checked against transformers on the tiny checkpoint, clean and with injected faults.
+"""compare (qwen_ref.oracle.compare): the comparison checked against transformers on the tiny checkpoint, clean and
+with injected faults.
 
 Every "backend" here is transformers' own model and logits processors (make_backend_file_from_transformers),
 clean or with one fault. Where a fault first shows is computed on the transformers side only (the faulty
@@ -17,23 +17,18 @@ import pytest
 import torch
 from conftest import hf_model
 
-from qwen_ref.cli import main as cli_main
+from qwen_ref.dtypes import DTYPES
 from qwen_ref.oracle import (
-    BackendFileError,
-    ScoreInputError,
+    LOGPROB_TOLERANCE,
     Thresholds,
-    TokenMap,
     compare,
     make_backend_file_from_transformers,
-    next_token_logits,
-    raw_logprobs,
     read_backend_file,
     read_backend_object,
-    score,
     transformers_processors,
 )
 from qwen_ref.qwen import load
-from qwen_ref.sampling import SamplingParams, distribution
+from qwen_ref.sampling import SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 STEPS = 8
@@ -294,195 +289,6 @@ def test_tokens_without_logprobs_are_still_checked_for_greedy_agreement(ref):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# score
-
-
-def test_score_is_the_reference_teacher_forced(ref):
-    prompt, tokens = [9707, 11], [1879, 0, 9707]
-    params = {"temperature": 0.7, "top_k": 3, "repetition_penalty": 1.2}
-    rows = list(score(ref, [{"prompt_ids": prompt, "token_ids": tokens, "params": params, "id": "a"},
-                            {"text": "Hello, world!"}], top_n=3))
-    assert [(r["sequence"], r["position"], r["step"]) for r in rows] == [(0, 2, 0), (0, 3, 1), (0, 4, 2),
-                                                                        (1, 1, 0), (1, 2, 1), (1, 3, 2)]
-    with torch.no_grad():
-        logits = ref.model(torch.tensor([prompt + tokens]))[0]
-    for r in rows[:3]:
-        lp = torch.log_softmax(logits[r["position"] - 1].double(), -1)
-        assert r["id"] == "a" and r["token"] == tokens[r["step"]]
-        assert r["logprob"] == pytest.approx(float(lp[r["token"]]), abs=1e-5)
-        # score's logits come from chunked teacher forcing, these from one forward: equal up to float rounding,
-        # so the rank is pinned down up to the logprobs within that rounding of the token's
-        above, near = int((lp > lp[r["token"]] + 1e-5).sum()), int((lp - lp[r["token"]]).abs().le(1e-5).sum())
-        assert 1 + above <= r["rank"] <= above + near
-        assert [t["id"] for t in r["top"]] == torch.topk(lp, 3).indices.tolist()
-        p = distribution(logits[r["position"] - 1], params, prompt, tokens[: r["step"]])[r["token"]]
-        assert r["in_support"] == bool(p > 0)
-        assert r["final_logprob"] == (pytest.approx(math.log(p), abs=1e-5) if p > 0 else None)
-    assert rows[3]["text"] == "," and "final_logprob" not in rows[3]
-    chat = list(score(ref, [{"request": {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0},
-                             "completion": "Hello"}], top_n=0))
-    templated = ref.tokenizer.encode("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
-                                     "assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    (row,) = chat
-    assert row["position"] == len(templated) and row["token"] == 9707 and row["top"] == []
-    assert row["in_support"] == (row["rank"] == 1)  # temperature 0: only the argmax can be produced
-
-
-def test_next_token_logits_chunks_equal_one_forward(ref64):
-    ids = [9707, 11, 1879, 0, 576, 9707, 11, 1879]
-    chunked = torch.stack(list(next_token_logits(ref64, ids, 2, chunk=2)))
-    with torch.no_grad():
-        full = ref64.model(torch.tensor([ids]))[0, 1:-1]
-    assert chunked.shape == full.shape and chunked.dtype == torch.float64
-    assert (raw_logprobs(chunked) - raw_logprobs(full)).abs().max() < 1e-10
-
-
-def test_score_rejects_bad_sequences_by_name(ref):
-    with pytest.raises(ScoreInputError, match="sequence 0: token id 999999 is outside"):
-        list(score(ref, [([1], [999999])]))
-    with pytest.raises(ScoreInputError, match="sequence 1: needs prompt_ids, prompt, request or text"):
-        list(score(ref, [([1], [2]), {"completion": "x"}]))
-    with pytest.raises(ScoreInputError, match="sequence 0: params: top_k"):
-        list(score(ref, [{"prompt_ids": [1], "token_ids": [2], "params": {"top_k": 0}}]))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Readers: one hand-written sample per format
-
-
-@pytest.fixture(scope="module")
-def tmap(ref):
-    return TokenMap(ref.tokenizer, ref.config.vocab_size)
-
-
-def ids_of(tmap, records, index=0):
-    return [m.id for m in tmap.resolve(records[index].tokens, records[index].text)]
-
-
-def test_openai_chat_with_request(tmap):
-    obj = {"request": {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-                       "temperature": 0.5, "top_p": 1.0, "top_k": -1, "logprobs": True, "top_logprobs": 2},
-           "response": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello, world"},
-                                     "logprobs": {"content": [
-                                         {"token": "Hello", "logprob": -0.5, "bytes": [72, 101, 108, 108, 111],
-                                          "top_logprobs": [{"token": "Hello", "logprob": -0.5, "bytes": None},
-                                                           {"token": "Hi", "logprob": -1.5, "bytes": [72, 105]}]},
-                                         {"token": ",", "logprob": -0.1, "bytes": [44], "top_logprobs": []},
-                                         {"token": " world", "logprob": -0.2, "bytes": None, "top_logprobs": []},
-                                     ]}}]}}
-    records = read_backend_object(obj, "f.jsonl:3")
-    (record,) = records
-    assert record.request == {"messages": [{"role": "user", "content": "Hi"}]}
-    assert record.params == {"temperature": 0.5} and record.logprobs_of == "raw"
-    assert ids_of(tmap, records) == [9707, 11, 1879]
-    assert [m.via for m in tmap.resolve(record.tokens, None)] == ["bytes", "bytes", "text"]
-    assert [a.logprob for a in record.tokens[0].top] == [-0.5, -1.5]
-
-
-def test_openai_legacy_completions_and_vllm_token_ids(tmap):
-    legacy = {"choices": [{"text": "Hello!", "logprobs": {
-        "tokens": ["Hello", "bytes:\\x21"], "token_logprobs": [-0.5, -1.0],
-        "top_logprobs": [{"Hello": -0.5, " Hi": -2.0}, {"!": -1.0}], "text_offset": [0, 5]}}]}
-    records = read_backend_object(legacy, "f:1", "openai")
-    assert ids_of(tmap, records) == [9707, 0]
-    assert records[0].params is None and "skipped" in records[0].notes[0]
-    as_ids = {"choices": [{"message": {"content": "Hello"}, "logprobs": {"content": [
-        {"token": "token_id:9707", "logprob": -0.5, "bytes": [1], "top_logprobs": [
-            {"token": "token_id:11", "logprob": -1.0}]}]}}]}
-    records = read_backend_object(as_ids, "f:2", "vllm")
-    assert ids_of(tmap, records) == [9707] and tmap.one(records[0].tokens[0].top[0]).id == 11
-
-
-def test_fragments_shown_as_replacement_characters_are_recovered_from_the_text(tmap):
-    # vLLM shows partial UTF-8 tokens as U+FFFD and writes the UTF-8 of that text as their bytes
-    def chat(pieces, text):
-        return {"choices": [{"message": {"content": text}, "logprobs": {"content": [
-            {"token": p, "logprob": -1.0, "bytes": list(p.encode()), "top_logprobs": []} for p in pieces]}}]}
-
-    records = read_backend_object(chat(["Hello", " \ufffd", "\ufffd", "\ufffd", " llama"], "Hello 🦙 llama"), "f:1")
-    mapped = tmap.resolve(records[0].tokens, records[0].text)
-    assert [m.id for m in mapped] == [9707, 11162, 99, 247, 93676]
-    assert [m.via for m in mapped] == ["bytes", "split", "split", "split", "bytes"]
-    # without the output text they cannot be mapped: the comparison would stop at the first
-    assert [m.id for m in tmap.resolve(records[0].tokens, None)][:2] == [9707, None]
-
-
-def test_vllm_offline_request_output(tmap):
-    obj = {"prompt": "Hi", "prompt_token_ids": [13048, 9707], "prompt_logprobs": [
-        None, {"9707": {"logprob": -3.0, "rank": 4, "decoded_token": "Hello"},
-               "11": {"logprob": -1.0, "rank": 1, "decoded_token": ","}}],
-        "outputs": [{"index": 0, "text": ", world", "token_ids": [11, 1879], "logprobs": [
-            {"11": {"logprob": -0.3, "rank": 1, "decoded_token": ","}},
-            {"1879": {"logprob": -4.0, "rank": 3, "decoded_token": " world"},
-             "0": {"logprob": -0.5, "rank": 1, "decoded_token": "!"}}]}],
-        "sampling_params": {"temperature": 0.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}}
-    (record,) = read_backend_object(obj, "f:1")
-    assert record.prompt_ids == [13048, 9707] and record.params == {"temperature": 0.0}
-    assert record.prompt_tokens[0] is None and record.prompt_tokens[1].id == 9707
-    assert record.prompt_tokens[1].logprob == -3.0 and [a.id for a in record.prompt_tokens[1].top] == [11]
-    assert [t.id for t in record.tokens] == [11, 1879] and [a.id for a in record.tokens[1].top] == [0]
-
-
-def test_llama_cpp_shapes(tmap):
-    new = {"content": "Hello", "completion_probabilities": [
-        {"id": 9707, "token": "Hello", "bytes": [72, 101, 108, 108, 111], "logprob": -0.5,
-         "top_logprobs": [{"id": 9707, "token": "Hello", "bytes": [72], "logprob": -0.5}]}],
-        "generation_settings": {"temperature": 0.0}, "prompt": "Hi"}
-    (record,) = read_backend_object(new, "f:1")
-    assert record.logprobs_of == "raw" and record.params == {"temperature": 0} and record.prompt_text == "Hi"
-    post = {"completion_probabilities": [{"id": 0, "token": "!", "bytes": [33], "prob": 0.25,
-                                          "top_probs": [{"id": 0, "token": "!", "bytes": [33], "prob": 0.25}]}],
-            "generation_settings": {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}}
-    (record,) = read_backend_object(post, "f:2", "llama.cpp")
-    assert record.logprobs_of == "final" and record.tokens[0].logprob == pytest.approx(math.log(0.25))
-    assert record.params is None and "min_p=0.05" in record.notes[0]
-    old = {"content": "Hello!", "completion_probabilities": [
-        {"content": "Hello", "probs": [{"tok_str": "Hello", "prob": 0.5}, {"tok_str": " Hi", "prob": 0.25}]},
-        {"content": "byte: \\x21", "probs": [{"tok_str": "byte: \\x21", "prob": 1.0}]}]}
-    (record,) = read_backend_object(old, "f:3")
-    assert record.logprobs_of == "final" and ids_of(tmap, [record]) == [9707, 0]
-    assert record.tokens[0].logprob == pytest.approx(math.log(0.5))
-
-
-def test_tgi_generate_details(tmap):
-    obj = {"request": {"inputs": "Hi", "parameters": {"details": True, "top_n_tokens": 2, "do_sample": True,
-                                                       "top_k": 5, "decoder_input_details": True}},
-           "response": {"generated_text": "Hello", "details": {
-               "prefill": [{"id": 13048, "text": "Hi", "logprob": None}],
-               "tokens": [{"id": 9707, "text": "Hello", "logprob": -0.7, "special": False}],
-               "top_tokens": [[{"id": 9707, "text": "Hello", "logprob": -0.7, "special": False},
-                               {"id": 11, "text": ",", "logprob": -1.7, "special": False}]]}}}
-    (record,) = read_backend_object(obj, "f:1")
-    assert record.prompt_ids == [13048] and record.prompt_tokens == [None]
-    assert record.params == {"temperature": 1.0, "top_k": 5}
-    assert [t.id for t in record.tokens] == [9707] and [a.id for a in record.tokens[0].top] == [9707, 11]
-
-
-def test_plain_jsonl_and_file_errors(tmp_path):
-    good = {"prompt_ids": [1, 2], "token_ids": [3], "logprobs": [-0.5], "top_logprobs": [[[3, -0.5], [4, -2.0]]],
-            "params": {"temperature": 0}}
-    path = tmp_path / "b.jsonl"
-    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "logprobs": [-0.5, -1]}) + "\n")
-    with pytest.raises(BackendFileError, match=r"b.jsonl:3: logprobs must be a list with one entry per token"):
-        read_backend_file(path)
-    path.write_text(json.dumps(good) + "\n{oops\n")
-    with pytest.raises(BackendFileError, match=r"b.jsonl:2: not valid JSON"):
-        read_backend_file(path)
-    path.write_text(json.dumps({**good, "params": {"top_k": 99}}))
-    with pytest.raises(BackendFileError, match=r"b.jsonl:1: params: top_k: 99 is out of range"):
-        read_backend_file(path)
-    path.write_text(json.dumps({"choices": [{"message": {"content": "x"}}]}))
-    with pytest.raises(BackendFileError, match=r"choices\[0\]: has no logprobs"):
-        read_backend_file(path)
-    path.write_text(json.dumps({"something": 1}))
-    with pytest.raises(BackendFileError, match=r"b.jsonl:1: not a format this reads"):
-        read_backend_file(path)
-    path.write_text("data: {}\n\n")
-    with pytest.raises(BackendFileError, match="server-sent events"):
-        read_backend_file(path)
-    path.write_text(json.dumps([good, good]))
-    assert [r.source for r in read_backend_file(path)] == [f"{path}: item 0", f"{path}: item 1"]
-
 
 def test_unmapped_token_stops_the_comparison_and_is_reported(ref):
     obj = {"request": {"prompt": "Hi"}, "response": {"choices": [{"message": {"content": "??"}, "logprobs": {
@@ -495,21 +301,14 @@ def test_unmapped_token_stops_the_comparison_and_is_reported(ref):
     assert "compared up to step 1" in report.format()
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The command line functions
+# Thresholds
 
 
-def test_cli_compare_and_score(ckpt, clean_file, tmp_path, capsys):
-    one = tmp_path / "one.jsonl"
-    one.write_text(clean_file.read_text().splitlines()[1] + "\n")
-    assert cli_main(["compare", str(ckpt), "--backend", str(one), "--output", str(tmp_path / "d.jsonl"),
-                     "--plot", str(tmp_path / "p.png")]) == 0
-    assert "flagged: 0" in capsys.readouterr().out and (tmp_path / "p.png").is_file()
-    # float32 noise exceeds 1e-9: flagged, exit status 1
-    assert cli_main(["compare", str(ckpt), "--backend", str(one), "--tolerance", "1e-9"]) == 1
-    (tmp_path / "seq.jsonl").write_text(json.dumps({"prompt": "Hello", "completion": ", world"}) + "\n")
-    out = tmp_path / "scores.jsonl"
-    assert cli_main(["score", str(ckpt), "--input", str(tmp_path / "seq.jsonl"), "--output", str(out),
-                     "--top-n", "2"]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["token"] for r in rows] == [11, 1879] and len(rows[0]["top"]) == 2
+def test_thresholds_cover_every_dtype_and_take_the_looser_of_two():
+    assert set(LOGPROB_TOLERANCE) == set(DTYPES)
+    assert Thresholds.for_dtypes("float32", "bfloat16") == Thresholds.for_dtype("bfloat16")
+    assert Thresholds.for_dtypes("float64", "float32") == FP32
+    assert Thresholds.for_dtypes("float64", "float64") == Thresholds.from_logprob(LOGPROB_TOLERANCE["float64"])

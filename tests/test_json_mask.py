@@ -1,19 +1,23 @@
-"""JSON mode (qwen_ref.constrain): the llguidance token mask, schema errors, and seeded generations on the tiny
-random-weight model that must parse and validate."""
+"""JSON mode (qwen_ref.sampling.json_mask): the llguidance token mask, a batch whose rows fail alone, schema
+errors, seeded generations on the tiny random-weight model that must parse and validate, and the examples of
+docs/json_mode.md."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
 
 import qwen_ref
-from qwen_ref.engine import generate_ids
+from qwen_ref.engine import Engine, EngineRequest, Failed, Token
 from qwen_ref.errors import QwenRefError
+from qwen_ref.sampling import RequestState
 from qwen_ref.sampling.json_mask import (
     JSON_MODE_NOT_MET,
     InvalidJsonSchema,
@@ -29,7 +33,7 @@ pytest.importorskip("llguidance")
 
 V = 151936  # the tiny Qwen2.5 model's logits rows; its tokenizer knows 151665 ids
 CODER_V = 152064
-Prior = Callable[[int], torch.Tensor]  # step -> a bias added to the logits (tests only)
+Prior = Callable[[int], torch.Tensor]  # engine step -> a bias added to the logits (tests only)
 EOS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 
 PERSON = {
@@ -161,8 +165,8 @@ def test_rows_past_the_tokenizer_are_always_masked(tok, vocab_size):
     mask = inside_string.allowed_mask()
     assert mask.sum() > 100_000  # nearly the whole vocabulary may continue a string...
     assert not mask[tok.vocab_size:].any()  # ...but never the padding rows
-    batch = batch_allowed([inside_string, None], vocab_size)
-    assert not batch[0, tok.vocab_size:].any() and batch[1].all()
+    batch, failed = batch_allowed([inside_string, None], vocab_size)
+    assert not failed and not batch[0, tok.vocab_size:].any() and batch[1].all()
 
 
 VALID_TEXTS = [
@@ -254,12 +258,71 @@ def test_batch_allowed(tok):
     b = constraint(tok, schema_format({"type": "array"}))
     done = constraint(tok, schema_format({"type": "null"}))
     feed(done, tok, "null")
-    assert batch_allowed([None, None], V) is None
-    mask = batch_allowed([a, None, b, done], V)
+    assert batch_allowed([None, None], V) == (None, {})
+    mask, failed = batch_allowed([a, None, b, done], V)
+    assert failed == {}
     assert mask.shape == (4, V)
     assert torch.equal(mask[0], a.allowed_mask()) and torch.equal(mask[2], b.allowed_mask())
     assert mask[1].all()
     assert mask[3].nonzero().flatten().tolist() == sorted(EOS)
+
+
+def three_rows(tok) -> list[JsonConstraint]:
+    rows = [constraint(tok, {"type": "json_object"}), constraint(tok, schema_format(ENUMS)),
+            constraint(tok, schema_format({"type": "array"}))]
+    feed(rows[1], tok, '{"color": "')
+    return rows
+
+
+@pytest.mark.parametrize("broken", [0, 1, 2])
+def test_a_matcher_in_an_error_state_fails_its_row_alone(tok, broken):
+    alone = [c.allowed_mask() for c in three_rows(tok)]
+    rows = three_rows(tok)
+    with pytest.raises(JsonConstraintError, match="not allowed"):
+        rows[broken].advance(tok.encode("Hello")[0])  # refused: llguidance's matcher is now in its error state
+    mask, failed = batch_allowed(rows, V)
+    assert list(failed) == [broken]
+    assert isinstance(failed[broken], JsonConstraintError) and "error state" in str(failed[broken])
+    assert mask[broken].all(), "a failed row allows every token, so the batch can still be sampled"
+    for row in set(range(3)) - {broken}:
+        assert torch.equal(mask[row], alone[row])
+    with pytest.raises(JsonConstraintError, match="error state"):
+        rows[broken].allowed_mask()
+
+
+class _RaisingMatcher:
+    """Stands in for an llguidance matcher that fails while computing its mask."""
+
+    def is_error(self) -> bool:
+        return False
+
+    def is_stopped(self) -> bool:
+        return False
+
+    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
+        raise RuntimeError("boom")
+
+
+def test_any_exception_of_one_row_is_caught_for_that_row(tok, monkeypatch):
+    alone = [c.allowed_mask() for c in three_rows(tok)]
+    rows = three_rows(tok)
+    rows[1]._matcher = _RaisingMatcher()  # fails the parallel call: each row is then computed alone
+    mask, failed = batch_allowed(rows, V)
+    assert list(failed) == [1] and isinstance(failed[1], JsonConstraintError)
+    assert str(failed[1]) == "the JSON mask could not be computed: RuntimeError: boom"
+    assert isinstance(failed[1].__cause__, RuntimeError)
+    assert mask[1].all() and torch.equal(mask[0], alone[0]) and torch.equal(mask[2], alone[2])
+
+    rows = three_rows(tok)
+    monkeypatch.setattr(rows[2], "is_finished", lambda: 1 / 0)
+    mask, failed = batch_allowed([rows[0], None, rows[2], rows[1]], V)
+    assert list(failed) == [2] and "ZeroDivisionError" in str(failed[2])
+    assert torch.equal(mask[0], alone[0]) and torch.equal(mask[3], alone[1]) and mask[1].all() and mask[2].all()
+
+    wider = constraint(tok, {"type": "json_object"}, vocab_size=CODER_V)
+    mask, failed = batch_allowed([wider, three_rows(tok)[0]], V)
+    assert list(failed) == [0] and f"vocab_size {CODER_V}, not {V}" in str(failed[0])
+    assert torch.equal(mask[1], alone[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,36 +414,42 @@ def test_json_mode_not_met_has_the_services_message():
 # Generation on the tiny random-weight model
 
 
-def sampled_chooser(constraints: list[JsonConstraint], seeds: list[int], prior: Prior | None = None):
-    """Stage 0 (the JSON mask: disallowed tokens at -inf, so probability exactly 0), softmax, then one draw per
-    row from its own seeded torch.Generator by inverse CDF: the same distribution as torch.multinomial, which
-    costs ~18 ms per draw over 151936 tokens on a CPU (this is well under 1 ms)."""
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-
-    def choose(logits: torch.Tensor, active: torch.Tensor, step: int) -> torch.Tensor:
-        live = active.tolist()
-        allowed = batch_allowed([c if a else None for c, a in zip(constraints, live)], logits.shape[-1])
-        z = logits.float() if prior is None else logits.float() + prior(step)
-        probs = torch.softmax(z.masked_fill(~allowed, float("-inf")), dim=-1)
-        tokens = [EOS[0]] * len(constraints)  # stopped rows: the decode loop ignores their token
-        for row in (r for r, a in enumerate(live) if a):
-            cdf = probs[row].cumsum(dim=0)  # flat over masked tokens, so right=True never lands on one
-            u = torch.rand((), generator=generators[row]) * cdf[-1]
-            tokens[row] = int(torch.searchsorted(cdf, u, right=True))
-            constraints[row].advance(tokens[row])
-        return torch.tensor(tokens)
-
-    return choose
-
-
-def generate_json(qwen, response_format, seeds, max_tokens, prior: Prior | None = None):
-    """Seeded JSON-mode generations as a batch; per row the constraint and the output text (no eos)."""
+def generate_json(qwen, response_format, seeds, max_tokens, prior: Prior | None = None, params=None):
+    """Seeded JSON-mode generations, each seed its own request in one engine, sampled by qwen_ref.sampling with
+    the JSON mask as stage 0; per row the constraint, the output text (no eos) and the output tokens. `prior`
+    (tests only) is added to the model's logits at every engine step."""
     tok = qwen.tokenizer
-    constraints = [JsonConstraint.from_response_format(response_format, tok, qwen.config.vocab_size,
-                                                       eos_ids=qwen.eos_token_ids) for _ in seeds]
     prompt = tok.encode("<|im_start|>user\nAnswer in JSON.<|im_end|>\n<|im_start|>assistant\n")
-    outputs = generate_ids(qwen.model, [prompt] * len(seeds), max_tokens,
-                           choose=sampled_chooser(constraints, list(seeds), prior), stop_ids=qwen.eos_token_ids)
+    engine = Engine(qwen.model)
+    constraints, outputs, failures = [], [], []
+
+    def sink(out: list[int]):
+        def take(event) -> None:
+            if isinstance(event, Token):
+                out.append(event.token)
+            elif isinstance(event, Failed):
+                failures.append(event.error)
+        return take
+
+    for seed in seeds:
+        c = JsonConstraint.from_response_format(response_format, tok, qwen.config.vocab_size,
+                                                eos_ids=qwen.eos_token_ids)
+        state = RequestState.start({"temperature": 1.0, **(params or {}), "seed": seed}, prompt)
+        constraints.append(c)
+        outputs.append([])
+        engine.add(EngineRequest(list(prompt), max_tokens, state, frozenset(qwen.eos_token_ids), constraint=c),
+                   sink(outputs[-1]))
+    step = [0]
+    hook = None if prior is None else qwen.model.register_forward_hook(
+        lambda module, args, logits: None if logits is None else logits + prior(step[0]))
+    try:
+        while engine.has_work():
+            engine.step()
+            step[0] += 1
+    finally:
+        if hook is not None:
+            hook.remove()
+    assert not failures, failures
     texts = [tok.decode([t for t in out if t not in qwen.eos_token_ids]) for out in outputs]
     return list(zip(constraints, texts, outputs))
 
@@ -432,18 +501,14 @@ def test_max_tokens_running_out_is_json_mode_not_met(qwen):
 
 
 def test_the_mask_works_with_the_sampler(qwen):
-    sampling = pytest.importorskip("qwen_ref.sampling")
-    tok = qwen.tokenizer
-    c = JsonConstraint.from_response_format(schema_format(ENUMS), tok, V, eos_ids=qwen.eos_token_ids)
-    params = {"temperature": 1.0, "seed": 7, "top_k": 5}
-    row = sampling.RequestState.start(params, [1])
-
-    def choose(logits, active, step):
-        tokens, _ = sampling.sample(logits, [row], allowed=batch_allowed([c], logits.shape[-1]))
-        row.accept(int(tokens[0]))
-        c.advance(int(tokens[0]))
-        return tokens
-
-    out = generate_ids(qwen.model, [tok.encode("JSON:")], 120, choose=choose, stop_ids=qwen.eos_token_ids)[0]
-    text = tok.decode([t for t in out if t not in qwen.eos_token_ids])
+    [(c, text, out)] = generate_json(qwen, schema_format(ENUMS), [7], 120, params={"top_k": 5})
+    assert out[-1] in qwen.eos_token_ids
     jsonschema.validate(c.result(text), ENUMS)
+
+
+def test_the_python_examples_of_the_docs_run():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "json_mode.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, str(doc), "exec"), {})

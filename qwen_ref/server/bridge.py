@@ -1,0 +1,111 @@
+"""Requests in, events out: between the event loop and the engine's thread.
+
+submit() hands a prepared request to the model's engine; its events come back through an asyncio queue. A
+client that goes away, a dropped stream or a deadline cancels the request: its row leaves the batch at the next
+step, LoRA or not. The server never touches the model, a cache or a tensor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from qwen_ref import known_models
+from qwen_ref.engine import Engine, Event, Failed, Finished
+from qwen_ref.errors import ClientClosed, NoSuchModel, OutOfCapacity, RequestTimeout
+from qwen_ref.qwen import Qwen
+from qwen_ref.server.settings import Settings
+from qwen_ref.workers_ai.output import Response
+from qwen_ref.workers_ai.request import Prepared, prepare
+
+DEADLINE_GRACE_S = 5.0  # the engine enforces the deadline; the event loop waits this much longer as a net
+
+
+@dataclass
+class Served:
+    name: str
+    qwen: Qwen  # as served under `name` (a Workers AI id brings its context window and LoRA support)
+    engine: Engine
+
+
+def as_named(qwen: Qwen, name: str) -> Qwen:
+    known = known_models.lookup(name)
+    return qwen if known is None or qwen.known == known else replace(qwen, known=known)
+
+
+def lookup(served: dict[str, Served], name: Any) -> Served:
+    if not isinstance(name, str) or name not in served:
+        raise NoSuchModel(f"No such model {name} or task")
+    return served[name]
+
+
+class Ticket:
+    """The event loop's side of one request: its events in order, and cancel()."""
+
+    def __init__(self, served: Served, prepared: Prepared, settings: Settings):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+        if served.engine.stats()["queued"] >= settings.max_queue:
+            raise OutOfCapacity("Capacity temporarily exceeded, please try again")
+        self.deadline = time.monotonic() + settings.timeout_s
+        self.response = Response(served.qwen.tokenizer, prepared)
+        self.handle = served.engine.add(prepared.engine_request(served.qwen, self.deadline), sink)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The request's engine events, up to and including its Finished or Failed."""
+        while True:
+            left = self.deadline - time.monotonic() + DEADLINE_GRACE_S
+            try:
+                event = await asyncio.wait_for(self.queue.get(), max(left, 0.05))
+            except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
+                self.cancel()
+                yield Failed(RequestTimeout("Timeout: the request ran past the server's per-request timeout"))
+                return
+            yield event
+            if isinstance(event, Finished | Failed):
+                return
+
+
+async def start(served: Served, body: Any, settings: Settings) -> Ticket:
+    """Validate, template and tokenize off the event loop, then queue the request."""
+    prepared = await run_in_threadpool(prepare, served.qwen, body)
+    return Ticket(served, prepared, settings)
+
+
+async def collect(ticket: Ticket) -> Response:
+    """Every event of a non-stream request; the Response has finished (or failed)."""
+    async for event in ticket.events():
+        ticket.response.push(event)
+    return ticket.response
+
+
+async def unless_disconnected(request: Request, ticket: Ticket, work: Awaitable[Any]) -> Any:
+    """Await work; if the client hangs up first, cancel the request (its row frees at the next step)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientClosed("the client closed the connection")
+    finally:
+        if not task.done():
+            task.cancel()
+            ticket.cancel()
+

@@ -1,0 +1,217 @@
+"""OpenAI's chat completions (POST /v1/chat/completions): the request mapped to the Workers AI request, the
+answer shaped as chat.completion or chat.completion.chunk events, from the same engine events as the native route.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from qwen_ref.engine import Failed
+from qwen_ref.errors import QwenRefError
+from qwen_ref.sampling import SAMPLING_FIELDS
+from qwen_ref.server.bridge import Served, Ticket, collect, lookup, start, unless_disconnected
+from qwen_ref.server.http import bad_input, check_auth, error_response, openai_error_body, read_json
+from qwen_ref.server.native import event_stream
+from qwen_ref.server.settings import Settings
+from qwen_ref.workers_ai.output import DONE, sse
+from qwen_ref.workers_ai.output import Response as Output
+
+# OpenAI request keys that change nothing here, and keys whose non-default values the engine cannot honour
+CHAT_IGNORED = ("user", "metadata", "store", "parallel_tool_calls", "service_tier", "options")
+CHAT_SAMPLING = tuple(f for f in SAMPLING_FIELDS if f != "max_tokens")
+CHAT_UNSUPPORTED = {"n": (None, 1), "stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0),
+                    "logit_bias": (None, {}), "functions": (None,), "function_call": (None,),
+                    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
+CHAT_KEYS = frozenset(("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "tools",
+                       "tool_choice", "response_format", *CHAT_SAMPLING, *CHAT_IGNORED, *CHAT_UNSUPPORTED))
+
+
+@dataclass
+class Chat:
+    model: str
+    body: dict[str, Any]  # the Workers AI request it maps to
+    stream: bool
+    include_usage: bool
+    id: str = field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(12))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _text_content(content: Any, path: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise bad_input(path, "expected a string or a list of {type: 'text', text} parts")
+
+
+def _call_block(call: Any, path: str) -> str:
+    """An assistant's earlier tool call as the text Qwen's template renders for it."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad_input(path, "expected {id, type: 'function', function: {name, arguments}}")
+    arguments = function.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {arguments}}}\n</tool_call>'
+
+
+def chat_message(message: Any, path: str) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise bad_input(path, "expected a message object {role, content}")
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    content = _text_content(message.get("content"), f"{path}/content")
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise bad_input(f"{path}/tool_calls", "expected an array")
+    blocks = [_call_block(c, f"{path}/tool_calls/{i}") for i, c in enumerate(calls)]
+    return {"role": role, "content": "\n".join(([content] if content else []) + blocks)}
+
+
+def chat_tool(tool: Any) -> Any:
+    """An OpenAI tool with the keys the Workers AI schema requires filled in when absent."""
+    if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+        return tool  # validation names the problem
+    function = {"description": "", "parameters": {"type": "object", "properties": {}}, **tool["function"]}
+    function.pop("strict", None)
+    return {"type": tool.get("type", "function"), "function": function}
+
+
+def _check_chat_keys(chat: dict[str, Any]) -> None:
+    for key, value in chat.items():
+        if key in CHAT_UNSUPPORTED and value not in CHAT_UNSUPPORTED[key]:
+            raise bad_input(f"/{key}", f"{value!r} is not supported by this server")
+        if key not in CHAT_KEYS:
+            raise bad_input(f"/{key}", "unrecognized request argument")
+
+
+def _tools(chat: dict[str, Any]) -> list[Any] | None:
+    choice = chat.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise bad_input("/tool_choice", f"{choice!r} is not supported; use 'auto' or 'none'")
+    tools = chat.get("tools")
+    if not tools or choice == "none":
+        return None
+    if not isinstance(tools, list):
+        raise bad_input("/tools", "expected an array")
+    return [chat_tool(t) for t in tools]
+
+
+def chat_request(chat: Any) -> Chat:
+    """An OpenAI chat.completions request as the Workers AI request generate() runs."""
+    if not isinstance(chat, dict):
+        raise bad_input("/", "expected a JSON object (a chat completion request)")
+    _check_chat_keys(chat)
+    if not isinstance(chat.get("model"), str):
+        raise bad_input("/model", "required: the name of a served model")
+    messages = chat.get("messages")
+    if not isinstance(messages, list):
+        raise bad_input("/messages", "required: an array of messages")
+    body: dict[str, Any] = {"messages": [chat_message(m, f"/messages/{i}") for i, m in enumerate(messages)]}
+    max_tokens = chat.get("max_completion_tokens", chat.get("max_tokens"))
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    body.update((k, chat[k]) for k in CHAT_SAMPLING if chat.get(k) is not None)
+    tools = _tools(chat)
+    if tools:
+        body["tools"] = tools
+    response_format = chat.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        body["response_format"] = response_format
+    stream = chat.get("stream") or False
+    options = chat.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict):
+        raise bad_input("/stream", "stream must be a boolean and stream_options an object")
+    return Chat(chat["model"], body, stream, bool(options.get("include_usage")))
+
+
+def openai_tool_calls(calls: Iterable[dict[str, Any]], with_index: bool = False) -> list[dict[str, Any]]:
+    out = []
+    for i, call in enumerate(calls):
+        item = {"id": "call_" + secrets.token_hex(12), "type": "function",
+                "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+        out.append({"index": i, **item} if with_index else item)
+    return out
+
+
+def chat_content(output: Output, result: dict[str, Any]) -> str:
+    if output.prepared.constraint is not None or not isinstance(result["response"], str):
+        return output.text  # JSON mode: the JSON text as generated
+    return result["response"]
+
+
+def chat_completion(chat: Chat, output: Output) -> dict[str, Any]:
+    result = output.result()
+    content = chat_content(output, result)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    calls = result.get("tool_calls") or []
+    if calls:
+        message["content"] = content or None
+        message["tool_calls"] = openai_tool_calls(calls)
+    return {"id": chat.id, "object": "chat.completion", "created": chat.created, "model": chat.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": output.finish_reason}],
+            "usage": result["usage"]}
+
+
+def chunk(chat: Chat, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    obj: dict[str, Any] = {"id": chat.id, "object": "chat.completion.chunk", "created": chat.created,
+                           "model": chat.model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                             "finish_reason": finish}]}
+    if chat.include_usage:
+        obj["usage"] = None
+    return sse(obj)
+
+
+async def chat_events(chat: Chat, ticket: Ticket) -> AsyncIterator[bytes]:
+    """chat.completion.chunk events. With tools offered (or JSON mode), the text is held back to the end, where
+    it splits into content and tool calls; otherwise text goes out as it is decoded."""
+    output = ticket.response
+    hold = bool(output.prepared.tool_names) or output.prepared.constraint is not None
+    yield chunk(chat, {"role": "assistant", "content": ""})
+    try:
+        async for event in ticket.events():
+            text = output.push(event)
+            if isinstance(event, Failed):
+                raise event.error
+            if text and not hold:
+                yield chunk(chat, {"content": text})
+        result = output.result()
+        if hold:
+            content = chat_content(output, result)
+            if content:
+                yield chunk(chat, {"content": content})
+            if result.get("tool_calls"):
+                yield chunk(chat, {"tool_calls": openai_tool_calls(result["tool_calls"], with_index=True)})
+        yield chunk(chat, {}, output.finish_reason)
+        if chat.include_usage:
+            yield sse({"id": chat.id, "object": "chat.completion.chunk", "created": chat.created,
+                       "model": chat.model, "choices": [], "usage": result["usage"]})
+    except QwenRefError as e:
+        yield sse(openai_error_body(e))
+    finally:
+        ticket.cancel()
+    yield DONE
+
+
+async def chat_completions(request: Request, served: dict[str, Served], settings: Settings) -> Response:
+    try:
+        check_auth(request, settings.api_token)
+        chat = chat_request(await read_json(request, settings))
+        ticket = await start(lookup(served, chat.model), chat.body, settings)
+    except QwenRefError as e:
+        return error_response(request.url.path, e)
+    if chat.stream:
+        return event_stream(chat_events(chat, ticket))
+    try:
+        output = await unless_disconnected(request, ticket, collect(ticket))
+        return JSONResponse(chat_completion(chat, output))
+    except QwenRefError as e:
+        return error_response(request.url.path, e)

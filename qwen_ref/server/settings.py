@@ -1,0 +1,20 @@
+"""The server's settings and their defaults (no HTTP library needed to read them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TOKEN_ENV = "QWEN_REF_API_TOKEN"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_QUEUE = 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_token: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_queue: int = DEFAULT_MAX_QUEUE

@@ -1,0 +1,150 @@
+"""The contract's output, in one place: the result object, the stream's events (with the service's `p` padding),
+usage, tool calls, logprobs and the JSON-mode failure. generate() and the server both shape through here.
+
+A Response follows one request's engine events. Non-stream: `result()` once it has finished. Stream:
+`stream_events(event)` gives the SSE bytes each engine event produces, ending with the final event and [DONE].
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from qwen_ref.engine import Event, Failed, Finished, Token
+from qwen_ref.errors import JSON_MODE_NOT_MET, QwenRefError
+from qwen_ref.sampling import TokenLogprobs
+from qwen_ref.tokenizer import IncrementalDetokenizer, QwenTokenizer, detokenize
+from qwen_ref.workers_ai.request import Prepared
+from qwen_ref.workers_ai.tools import parse_tool_calls
+
+PADDING = "abcdefghijklmnopqrstuvwxyz0123456789"
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+def padding() -> str:
+    # random-length padding on every chunk, as the service adds against token-length side channels
+    return (PADDING * 2)[: 1 + secrets.randbelow(len(PADDING) + 12)]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def logprob_records(tokenizer: QwenTokenizer, infos: list[TokenLogprobs]) -> list[dict[str, Any]]:
+    """The `logprobs` extension: per generated token its log-probability under the model's raw distribution
+    and under the final sampling distribution, with the N best alternatives of each."""
+
+    def alternatives(pairs) -> list[dict[str, Any]]:
+        return [{"id": i, "text": tokenizer.decode([i]), "logprob": lp} for i, lp in pairs]
+
+    return [{"id": info.token, "text": tokenizer.decode([info.token]), "logprob": info.raw,
+             "sampling_logprob": info.final, "top_logprobs": alternatives(info.raw_top),
+             "top_sampling_logprobs": alternatives(info.final_top)} for info in infos]
+
+
+class Response:
+    def __init__(self, tokenizer: QwenTokenizer, prepared: Prepared):
+        self.tokenizer = tokenizer
+        self.prepared = prepared
+        self.tokens: list[int] = []
+        self.infos: list[TokenLogprobs] = []
+        self.reason: str | None = None  # "stop" or "length" once finished
+        self.error: QwenRefError | None = None
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._pending: list[TokenLogprobs] = []  # logprobs of tokens whose text is not out yet
+
+    def push(self, event: Event) -> str:
+        """Take one engine event; the text it completes (a partial UTF-8 character waits for its next bytes)."""
+        if isinstance(event, Token):
+            self.tokens.append(event.token)
+            if event.logprobs is not None:
+                self.infos.append(event.logprobs)
+                self._pending.append(event.logprobs)
+            return self._detok.push(event.token)
+        if isinstance(event, Finished):
+            self.reason = event.reason
+            return self._detok.flush()
+        assert isinstance(event, Failed)
+        self.error = event.error
+        return ""
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None or self.error is not None
+
+    @property
+    def text(self) -> str:
+        """The generated text as decoded (tool-call blocks still in it; JSON mode: the JSON text)."""
+        return detokenize(self.tokenizer, self.tokens)
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        if self.prepared.constraint is not None:
+            return []
+        return parse_tool_calls(self.text, self.prepared.tool_names or None)[1]
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tool_calls() else self.reason or "stop"
+
+    def usage(self) -> dict[str, int]:
+        return usage(len(self.prepared.prompt_ids), len(self.tokens))
+
+    def result(self) -> dict[str, Any]:
+        """The non-stream result object. Raises the request's error, or JsonModeNotMet for incomplete JSON."""
+        if self.error is not None:
+            raise self.error
+        out: dict[str, Any] = {}
+        if self.prepared.constraint is not None:
+            self.prepared.constraint.require_complete()
+            out["response"] = self.prepared.constraint.result(self.text)
+        else:
+            content, calls = parse_tool_calls(self.text, self.prepared.tool_names or None)
+            out["response"] = content
+            if calls:
+                out["tool_calls"] = calls
+        out["usage"] = self.usage()
+        if self.prepared.logprobs is not None:
+            out["logprobs"] = logprob_records(self.tokenizer, self.infos)
+        return out
+
+    # ------------------------------------------------------------------------------------------ the stream
+
+    def stream_events(self, event: Event) -> list[bytes]:
+        """The SSE bytes one engine event produces: a padded text event when text is complete, and after the
+        last event the final one (usage, tool calls or the JSON-mode failure, or the request's error) and
+        [DONE]."""
+        text = self.push(event)
+        out = [sse(self._text_event(text))] if text else []
+        if self.done:
+            out += [sse(self.final_event()), DONE]
+        return out
+
+    def _text_event(self, text: str) -> dict[str, Any]:
+        e: dict[str, Any] = {"response": text, "p": padding()}
+        if self.prepared.logprobs is not None:
+            e["logprobs"] = logprob_records(self.tokenizer, self._pending)
+            self._pending.clear()
+        return e
+
+    def final_event(self, error: str | None = None) -> dict[str, Any]:
+        """The stream's last event before [DONE]; `error` (or the request's own) ends the stream early."""
+        final: dict[str, Any] = {"response": "", "usage": self.usage()}
+        if self.prepared.logprobs is not None and self._pending:
+            final["logprobs"] = logprob_records(self.tokenizer, self._pending)
+            self._pending.clear()
+        if error is None and self.error is not None:
+            error = str(self.error)
+        if error is not None:
+            final["error"] = error
+        elif self.prepared.constraint is not None:
+            if not self.prepared.constraint.is_complete():
+                final["error"] = JSON_MODE_NOT_MET
+        elif calls := self.tool_calls():
+            final["tool_calls"] = calls
+        return final

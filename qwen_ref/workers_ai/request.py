@@ -1,0 +1,149 @@
+"""A Workers AI request made ready for the engine: validated, templated, tokenized, checked against the model.
+
+Every check runs before any compute, so a bad request never produces a partial result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen_ref import lora, sampling
+from qwen_ref.engine import EngineRequest
+from qwen_ref.errors import ContextWindowExceeded, InvalidInput, InvalidSamplingParams, LoraUnavailable
+from qwen_ref.qwen import Qwen
+from qwen_ref.sampling import SAMPLING_FIELDS, RequestState, SamplingParams
+from qwen_ref.sampling.json_mask import InvalidJsonSchema, JsonConstraint
+from qwen_ref.workers_ai.chat import ChatTemplateError, render_chat, template_special_tokens
+from qwen_ref.workers_ai.tools import ToolSpecError, check_functions, normalize_tools, tool_names
+from qwen_ref.workers_ai.validate import validate_input, with_defaults
+
+MAX_SAMPLES = 1024
+
+
+@dataclass
+class Prepared:
+    """One validated request, ready for the engine."""
+
+    inputs: dict[str, Any]  # the body with the schema's defaults filled in
+    prompt_ids: list[int]
+    state: RequestState
+    max_tokens: int
+    constraint: Any = None  # qwen_ref.sampling.json_mask.JsonConstraint in JSON mode
+    tool_names: set[str] = field(default_factory=set)
+    adapter: Any = None  # the qwen_ref.lora.LoraAdapter applied to this request (unmerged); None: none
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.inputs.get("stream"))
+
+    @property
+    def logprobs(self) -> int | None:
+        return self.inputs.get("logprobs")
+
+    def engine_request(self, qwen: Qwen, deadline: float | None = None) -> EngineRequest:
+        return EngineRequest(self.prompt_ids, self.max_tokens, self.state, frozenset(qwen.eos_token_ids),
+                             self.constraint, self.adapter, self.logprobs, deadline)
+
+
+def context_window(qwen: Qwen) -> int:
+    return qwen.known.context_window if qwen.known is not None else qwen.config.max_position_embeddings
+
+
+def _bad(where: str, path: str, rule: str, detail: str) -> InvalidInput:
+    """An InvalidInput whose path is prefixed with `where` (the request's index in a batch)."""
+    return InvalidInput(where + path if path != "/" or not where else where, rule, detail)
+
+
+def prompt_text(qwen: Qwen, inputs: dict[str, Any], where: str = "") -> tuple[str, set[str]]:
+    """The text the model reads, and the names of the offered tools."""
+    tok = qwen.tokenizer
+    try:
+        check_functions(inputs.get("functions"))
+        tools = normalize_tools(inputs.get("tools"))
+    except ToolSpecError as e:
+        raise _bad(where, "/tools" if "tools" in inputs else "/functions", "tools", str(e)) from None
+    if "prompt" in inputs and inputs.get("raw"):
+        return inputs["prompt"], tool_names(tools)
+    messages = inputs["messages"] if "messages" in inputs else [{"role": "user", "content": inputs["prompt"]}]
+    if tok.chat_template is None:
+        raise _bad(where, "/", "chat_template", "the checkpoint has no chat template; send a prompt with raw: true")
+    try:
+        text = render_chat(tok.chat_template, messages, tools=tools or None, add_generation_prompt=True,
+                           special_tokens=template_special_tokens(tok.config))
+    except ChatTemplateError as e:
+        raise _bad(where, "/messages" if "messages" in inputs else "/prompt", "chat_template", str(e)) from None
+    return text, tool_names(tools)
+
+
+def prepare(qwen: Qwen, inputs: Any, where: str = "") -> Prepared:
+    try:
+        body = with_defaults(validate_input(inputs))
+    except InvalidInput as e:
+        raise _bad(where, e.path, e.rule, e.detail) from None
+    adapter = _adapter(qwen, body.get("lora"), where)
+    if qwen.tokenizer is None:
+        raise _bad(where, "/", "tokenizer", "the checkpoint has no tokenizer files")
+    text, names = prompt_text(qwen, body, where)
+    prompt_ids = qwen.tokenizer.encode(text)
+    if not prompt_ids:
+        raise _bad(where, "/prompt", "minLength", "the prompt encodes to no tokens")
+    max_tokens = body["max_tokens"]
+    window = context_window(qwen)
+    if len(prompt_ids) + max_tokens > window:
+        raise ContextWindowExceeded(
+            f"This model's maximum context length is {window} tokens. However, you requested {max_tokens} "
+            f"output tokens and your prompt contains {len(prompt_ids)} input tokens, for a total of "
+            f"{len(prompt_ids) + max_tokens} tokens. Please reduce the length of the input prompt or max_tokens."
+        )
+    try:
+        params = SamplingParams.from_dict({k: body[k] for k in SAMPLING_FIELDS if k in body})
+    except InvalidSamplingParams as e:
+        raise _bad(where, f"/{str(e).split(':', 1)[0]}", "range", str(e)) from None
+    constraint = None
+    if body.get("response_format") is not None:
+        try:
+            constraint = JsonConstraint.from_response_format(body["response_format"], qwen.tokenizer,
+                                                             qwen.config.vocab_size, eos_ids=qwen.eos_token_ids)
+        except InvalidJsonSchema as e:
+            raise _bad(where, "/response_format" + e.path.removeprefix("/response_format"), "json_schema",
+                       e.detail) from None
+    return Prepared(body, prompt_ids, RequestState.start(params, prompt_ids), max_tokens, constraint, names,
+                    adapter)
+
+
+def _adapter(qwen: Qwen, name: str | None, where: str) -> Any:
+    """The adapter a request's `lora` names (None: the model's default adapter, if it has one)."""
+    if name is None:
+        return qwen.default_adapter if qwen.adapters is not None else None
+    model_id = qwen.known.workers_ai_id if qwen.known else "this model"
+    if qwen.known is not None and not qwen.known.takes_lora:
+        raise LoraUnavailable(f"The model {model_id} does not support LoRa inference")
+    if qwen.adapters is None:
+        raise LoraUnavailable(f"lora: {name!r}: no LoRA adapters are registered for {model_id} "
+                              "(load it with lora_dir=DIR, or serve it with --lora-dir DIR)")
+    try:
+        adapter = qwen.adapters.get(name)
+        lora.check_unmerged(qwen.model, adapter)
+    except lora.LoraError as e:
+        raise _bad(where, "/lora", "lora", str(e).removeprefix("lora: ")) from None
+    return adapter
+
+
+def samples(qwen: Qwen, inputs: Any, n: int) -> list[Prepared]:
+    """n samples of one request: sample i uses seed + i (sampling.sample_seed), or a fresh seed each without a
+    seed. They share one prompt, so the engine prefills it once."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+        raise InvalidInput("/", "n", f"n: {n!r} is out of range; allowed: an integer from 1 to {MAX_SAMPLES}")
+    first = prepare(qwen, inputs)
+    if first.stream and n > 1:
+        raise InvalidInput("/stream", "n", "stream is not available with n > 1")
+    out = [first]
+    for i in range(1, n):
+        body = dict(first.inputs)
+        if "seed" in inputs:
+            body["seed"] = sampling.sample_seed(first.state.seed, i)
+        else:
+            body.pop("seed", None)  # a fresh seed per sample
+        out.append(prepare(qwen, body))
+    return out
