@@ -93,7 +93,9 @@ class KVCache:
             self.k[layer][rows, :, positions] = k.transpose(1, 2)
             self.v[layer][rows, :, positions] = v.transpose(1, 2)
         num_keys = int(positions[:, -1].max()) + 1
-        return [KeyGroup(0, self.batch_size, self.k[layer][:, :, :num_keys], self.v[layer][:, :, :num_keys], False)]
+        # one row holds exactly its own keys; several rows are padded to the longest, and need their positions
+        return [KeyGroup(0, self.batch_size, self.k[layer][:, :, :num_keys], self.v[layer][:, :, :num_keys],
+                         self.batch_size == 1)]
 
     def advance(self, num_new: torch.Tensor | int) -> None:
         """Mark num_new [B] (or one count for all rows) of the written positions as real."""
@@ -123,36 +125,6 @@ class KVCache:
         out.v = [t[:, :, :used].clone() for t in self.v]
         out.lengths = self.lengths.clone()
         out.capacity = used
-        return out
-
-    def repeat(self, n: int) -> KVCache:  # TODO(#13): removed with the old engine
-        out = object.__new__(KVCache)
-        out.k = [t.repeat(n, 1, 1, 1) for t in self.k]
-        out.v = [t.repeat(n, 1, 1, 1) for t in self.v]
-        out.lengths = self.lengths.expand(n).clone()
-        out.capacity = self.capacity
-        return out
-
-    @staticmethod
-    def stack(caches, rows=None) -> KVCache:  # TODO(#13): removed with the old engine
-        picks = list(rows) if rows is not None else [torch.arange(c.batch_size) for c in caches]
-        capacity = max(c.capacity for c in caches)
-        used = [int(c.lengths[r].max()) if len(r) else 0 for c, r in zip(caches, picks)]
-
-        def merged(parts):
-            _, KV, _, D = parts[0].shape
-            t = parts[0].new_zeros((sum(len(r) for r in picks), KV, capacity, D))
-            start = 0
-            for p, r, n in zip(parts, picks, used):
-                t[start : start + len(r), :, :n] = p[r, :, :n]
-                start += len(r)
-            return t
-
-        out = object.__new__(KVCache)
-        out.k = [merged([c.k[i] for c in caches]) for i in range(len(caches[0].k))]
-        out.v = [merged([c.v[i] for c in caches]) for i in range(len(caches[0].v))]
-        out.lengths = torch.cat([c.lengths[r] for c, r in zip(caches, picks)])
-        out.capacity = capacity
         return out
 
 

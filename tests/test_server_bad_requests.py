@@ -1,0 +1,130 @@
+"""The local server's bad requests: each gets its HTTP status and Workers AI code, and the server keeps
+answering."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from server_helpers import (  # noqa: E402
+    MAX_BODY,
+    QWEN15,
+    TOKEN,
+    srv_fixture,  # noqa: F401 (a fixture)
+)
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad requests: each gets its status and code, the server keeps answering
+
+RUN = "/client/v4/accounts/acct/ai/run/" + QWEN15
+CHAT = "/v1/chat/completions"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON_TYPE = {"Content-Type": "application/json"}
+GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def _chat(**kw: Any) -> bytes:
+    body = {"model": QWEN15, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **kw}
+    return json.dumps(body).encode()
+
+
+def _body(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def _chunked(data: bytes):
+    for i in range(0, len(data), 16384):
+        yield data[i:i + 16384]
+
+
+BAD_REQUESTS = [
+    # (id, method, path, headers, body, status, code)
+    ("no-token", "POST", RUN, JSON_TYPE, _body(GOOD), 401, 10000),
+    ("wrong-token", "POST", RUN, {"Authorization": "Bearer nope"}, _body(GOOD), 401, 10000),
+    ("basic-scheme", "POST", RUN, {"Authorization": f"Basic {TOKEN}"}, _body(GOOD), 401, 10000),
+    ("bare-bearer", "POST", RUN, {"Authorization": "Bearer"}, _body(GOOD), 401, 10000),
+    ("token-prefix", "POST", RUN, {"Authorization": f"Bearer {TOKEN[:-1]}"}, _body(GOOD), 401, 10000),
+    ("unknown-model", "POST", "/client/v4/accounts/a/ai/run/@cf/qwen/nope", AUTH, _body(GOOD), 400, 5007),
+    ("unknown-model-short-route", "POST", "/ai/run/@cf/meta/llama", AUTH, _body(GOOD), 400, 5007),
+    ("truncated-json", "POST", RUN, AUTH, b'{"prompt": ', 400, 5006),
+    ("empty-body", "POST", RUN, AUTH, b"", 400, 5006),
+    ("not-utf8", "POST", RUN, AUTH, b'{"prompt": "\xff\xfe"}', 400, 5006),
+    ("nan-literal", "POST", RUN, AUTH, b'{"prompt": "x", "temperature": NaN}', 400, 5006),
+    ("huge-float", "POST", RUN, AUTH, b'{"prompt": "x", "temperature": 1e999}', 400, 5006),
+    ("5000-digit-int", "POST", RUN, AUTH, b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400, 5006),
+    ("huge-seed", "POST", RUN, AUTH, _body({"prompt": "x", "seed": 10**30}), 400, 5006),
+    ("huge-max-tokens", "POST", RUN, AUTH, _body({"prompt": "x", "max_tokens": 10**30}), 400, 400),
+    ("recursion-deep", "POST", RUN, AUTH, b'{"prompt": "x", "response_format": ' + b"[" * 50000, 400, 5006),
+    ("nested-100", "POST", RUN, AUTH, _body({"prompt": "x", "raw": json.loads("[" * 100 + "]" * 100)}), 400, 5006),
+    ("array-body", "POST", RUN, AUTH, b"[1, 2]", 400, 5006),
+    ("string-body", "POST", RUN, AUTH, b'"hi"', 400, 5006),
+    ("empty-object", "POST", RUN, AUTH, b"{}", 400, 5006),
+    ("prompt-and-messages", "POST", RUN, AUTH, _body({"prompt": "x", **GOOD}), 400, 5006),
+    ("empty-prompt", "POST", RUN, AUTH, _body({"prompt": ""}), 400, 5006),
+    ("temperature-6", "POST", RUN, AUTH, _body({"prompt": "x", "temperature": 6}), 400, 5006),
+    ("temperature-string", "POST", RUN, AUTH, _body({"prompt": "x", "temperature": "hot"}), 400, 5006),
+    ("max-tokens-0", "POST", RUN, AUTH, _body({"prompt": "x", "max_tokens": 0}), 400, 5006),
+    ("stream-string", "POST", RUN, AUTH, _body({"prompt": "x", "stream": "yes"}), 400, 5006),
+    ("content-array", "POST", RUN, AUTH, _body({"messages": [{"role": "user", "content": ["x"]}]}), 400, 5006),
+    ("role-robot", "POST", RUN, AUTH, _body({"messages": [{"role": "robot", "content": "x"}]}), 400, 5006),
+    ("unknown-key", "POST", RUN, AUTH, _body({"prompt": "x", "wibble": 1}), 400, 5006),
+    ("bad-json-schema", "POST", "/ai/run/tiny", AUTH,
+     _body({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"type": "nonsense"}}}),
+     400, 5006),
+    ("lora-on-qwen1.5", "POST", RUN, AUTH, _body({"prompt": "x", "lora": "my-adapter"}), 405, 5005),
+    ("over-long-prompt", "POST", RUN, AUTH, _body({"prompt": "a " * 40000}), 400, 400),
+    ("prompt-plus-max-tokens", "POST", RUN, AUTH, _body({"prompt": "x", "max_tokens": 31999}), 400, 400),
+    ("body-over-limit", "POST", RUN, AUTH, _body({"prompt": "a" * (MAX_BODY + 10)}), 413, 3006),
+    ("chunked-over-limit", "POST", RUN, AUTH, "chunked", 413, 3006),
+    ("multipart", "POST", RUN, {**AUTH, "Content-Type": "multipart/form-data; boundary=x"}, _body(GOOD), 415, 415),
+    ("xml", "POST", RUN, {**AUTH, "Content-Type": "application/xml"}, b"<prompt>x</prompt>", 415, 415),
+    ("get-on-run", "GET", RUN, AUTH, None, 405, 405),
+    ("no-route", "POST", "/client/v4/accounts/a/ai/nothing", AUTH, _body(GOOD), 404, 404),
+    ("chat-no-token", "POST", CHAT, JSON_TYPE, _chat(), 401, 10000),
+    ("chat-unknown-model", "POST", CHAT, AUTH, _chat(model="gpt-4o"), 400, 5007),
+    ("chat-no-model", "POST", CHAT, AUTH, _body({"messages": [{"role": "user", "content": "hi"}]}), 400, 5006),
+    ("chat-messages-object", "POST", CHAT, AUTH, _chat(messages={"role": "user"}), 400, 5006),
+    ("chat-n-2", "POST", CHAT, AUTH, _chat(n=2), 400, 5006),
+    ("chat-stop", "POST", CHAT, AUTH, _chat(stop=["\n"]), 400, 5006),
+    ("chat-unknown-arg", "POST", CHAT, AUTH, _chat(wibble=True), 400, 5006),
+    ("chat-tool-choice-required", "POST", CHAT, AUTH, _chat(tool_choice="required"), 400, 5006),
+    ("chat-negative-frequency", "POST", CHAT, AUTH, _chat(frequency_penalty=-1), 400, 5006),
+    ("chat-image-part", "POST", CHAT, AUTH,
+     _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, 5006),
+    ("chat-bad-json", "POST", CHAT, AUTH, b"{model", 400, 5006),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request(srv, case):
+    _, method, path, headers, body, status, code = case
+    content = _chunked(b'{"prompt": "' + b"a" * (MAX_BODY + 10) + b'"}') if body == "chunked" else body
+    r = httpx.request(method, srv.base + path, headers=headers, content=content, timeout=60)
+    assert r.status_code == status, r.text
+    answer = r.json()
+    if path == CHAT:
+        assert answer["error"]["code"] == code and answer["error"]["message"]
+    else:
+        assert answer["success"] is False and answer["result"] is None and answer["messages"] == []
+        assert [e["code"] for e in answer["errors"]] == [code] and answer["errors"][0]["message"]
+
+
+def test_bad_request_messages_name_the_problem(srv):
+    r = httpx.post(srv.base + RUN, headers=AUTH, json={"prompt": "x", "temperature": 6}, timeout=30)
+    assert r.json()["errors"][0]["message"].startswith("AiError: Bad input: /temperature")
+    r = httpx.post(srv.base + RUN, headers=AUTH, json={"prompt": "x", "lora": "a"}, timeout=30)
+    assert r.json()["errors"][0]["message"] == f"AiError: The model {QWEN15} does not support LoRa inference"
+
+
+def test_still_answers_after_the_bad_requests(srv):
+    for case in BAD_REQUESTS[:10]:
+        _, method, path, headers, body, *_ = case
+        httpx.request(method, srv.base + path, headers=headers, content=body if body != "chunked" else b"", timeout=30)
+    assert srv.proc.poll() is None
+    r = httpx.post(srv.base + RUN, headers=AUTH, json=GOOD, timeout=30)
+    assert r.status_code == 200 and r.json()["success"] is True
+
