@@ -42,7 +42,7 @@ def latency(args: argparse.Namespace) -> None:
     short = prepare(qwen, {"prompt": "Tell me a story", "max_tokens": args.short_tokens, "seed": 1,
                            "temperature": 1.0})
     long = prepare(qwen, {"prompt": "word " * args.long, "raw": True, "max_tokens": 1, "seed": 2})
-    options = {} if args.chunk is None else {"prefill_chunk": args.chunk}
+    options = {k: v for k, v in (("prefill_chunk", args.chunk), ("prefill_ratio", args.ratio)) if v is not None}
     engine = Engine(qwen.model, **options)
     engine.start()
 
@@ -73,6 +73,7 @@ def latency(args: argparse.Namespace) -> None:
     finally:
         engine.close()
     line = {"bench": "latency_during_prefill", "source": args.source, "prefill_chunk": engine.runner.prefill_chunk,
+            "prefill_ratio": engine.prefill_ratio,
             "decode_mode": engine.mode, "long_prompt_tokens": len(long.prompt_ids), "short_tokens": args.short_tokens,
             "idle_s": percentiles(idle), "loaded_s": percentiles(loaded), "long_prompts_prefilled": prefills,
             "wall_s": round(wall, 2)}
@@ -142,6 +143,7 @@ def main() -> None:
     lat.add_argument("--short-tokens", type=int, default=16)
     lat.add_argument("--samples", type=int, default=40)
     lat.add_argument("--chunk", type=int, default=None, help="prefill_chunk (default: the engine's)")
+    lat.add_argument("--ratio", type=float, default=None, help="prefill_ratio (default: the engine's)")
     lat.add_argument("--threads", type=int, default=2)
     mem = sub.add_parser("memory")
     mem.add_argument("--tokens", type=int, default=32768)

@@ -146,9 +146,14 @@ class Scripted(torch.nn.Module):
         self.inner, self.script, self.i = model, script, 0
         self.config, self.lm_head, self.backends = model.config, model.lm_head, model.backends
 
-    def forward(self, input_ids, cache=None, num_new=None, last_only=False, lora=None, compute_logits=True):
-        logits = self.inner(input_ids, cache=cache, num_new=num_new, last_only=last_only, lora=lora,
-                            compute_logits=compute_logits)
+    def begin(self, *args, **kwargs):
+        return self.inner.begin(*args, **kwargs)
+
+    def run_layers(self, *args, **kwargs):
+        return self.inner.run_layers(*args, **kwargs)
+
+    def end(self, p, last_only=False, compute_logits=True):
+        logits = self.inner.end(p, last_only, compute_logits)
         if logits is None:  # a prefill chunk before the prompt's last
             return logits
         if self.i < len(self.script):
@@ -156,6 +161,11 @@ class Scripted(torch.nn.Module):
             logits[:, -1, self.script[self.i]] = 1e4
         self.i += 1
         return logits
+
+    def forward(self, input_ids, cache=None, num_new=None, last_only=False, lora=None, compute_logits=True):
+        p = self.begin(input_ids, cache, num_new, lora)
+        self.run_layers(p)
+        return self.end(p, last_only, compute_logits)
 
 
 def test_tool_call_end_to_end(qwen25):

@@ -164,7 +164,7 @@ def test_generate_raises_or_returns_each_failure(qwen25):
 
 
 def test_requests_join_and_leave_at_step_boundaries(qwen25):
-    engine = Engine(qwen25.model)
+    engine = Engine(qwen25.model, prefill_chunk=256)  # each prompt in one chunk: one step to its first token
     seen: list[tuple[int, str]] = []
     prepared = [prepare(qwen25, {"prompt": f"p{i}", "max_tokens": 3 + 3 * i, "seed": i + 1}) for i in range(3)]
     for i, p in enumerate(prepared[:2]):
@@ -188,7 +188,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(qwen25):
     assert len(long.prompt_ids) > 30 * chunk
     engine = Engine(qwen25.model, prefill_chunk=chunk)
     forwards: list[int] = []  # tokens per forward, in order
-    hook = qwen25.model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[1]))
+    # every pass (a whole forward, or a prefill chunk run a few layers at a time) starts at the embedding
+    hook = qwen25.model.model.embed_tokens.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[1]))
     steps: dict[str, list[int]] = {"long": [], "short": []}
     engine.add(long.engine_request(qwen25), lambda e: steps["long"].append(engine.counters["steps"]))
     engine.step()
@@ -274,14 +275,21 @@ def test_generate_and_the_stream_share_one_output_path(qwen25, exact):
 
 def test_n_samples_share_one_prefill(qwen25):
     body = {"prompt": "Tell me all about PEP-8", "max_tokens": 10, "seed": 7, "temperature": 1.3}
-    forwards: list[tuple[int, int]] = []
-    hook = qwen25.model.register_forward_pre_hook(lambda m, args: forwards.append(tuple(args[0].shape)))
+    prompt_len = len(prepare(qwen25, body).prompt_ids)
+    prompt_passes: list[int] = []  # tokens of each pass that feeds prompt positions
+    begin = qwen25.model.begin
+
+    def recording_begin(input_ids, cache=None, *args, **kwargs):
+        if cache is not None and int(cache.lengths.max()) < prompt_len:
+            prompt_passes.append(input_ids.shape[1])
+        return begin(input_ids, cache, *args, **kwargs)
+
+    qwen25.model.begin = recording_begin
     try:
         outs = qwen_ref.generate(qwen25, body, n=4)
     finally:
-        hook.remove()
-    prompt_len = len(prepare(qwen25, body).prompt_ids)
-    assert sum(1 for b, t in forwards if t == prompt_len) == 1
+        del qwen25.model.begin
+    assert sum(prompt_passes) == prompt_len  # the prompt went through the model once, for all four samples
     assert outs == [qwen_ref.generate(qwen25, {**body, "seed": s}) for s in (7, 8, 9, 10)]
 
 
@@ -341,3 +349,17 @@ def test_cache_capacity_is_enforced(tiny):
             model(torch.tensor([[5]]), cache=cache)
     assert cache.lengths.tolist() == [4]
     assert not any("cache" in k for k in model.state_dict())
+
+
+def test_a_pass_run_a_layer_at_a_time_is_the_forward(qwen15):
+    model = qwen15.model
+    ids = torch.tensor([[9707, 11, 1879, 0, 576, 9707, 11]])
+    whole_cache, sliced_cache = (KVCache(model.config, 1, 16, dtype=qwen15.dtype) for _ in range(2))
+    whole = model(ids, cache=whole_cache, last_only=True)
+    p = model.begin(ids, cache=sliced_cache)
+    steps = 0
+    while not model.run_layers(p, 1):
+        steps += 1
+    sliced = model.end(p, last_only=True)
+    assert steps == len(model.model.layers) - 1 and torch.equal(whole, sliced)
+    assert all(torch.equal(a, b) for a, b in zip(whole_cache.k + whole_cache.v, sliced_cache.k + sliced_cache.v))

@@ -45,7 +45,7 @@ def test_eight_plain_and_two_adapters_in_one_batch(tiny, adapters, decode_linear
     hook = qwen.model.register_forward_pre_hook(lambda m, args: forwards.append(tuple(args[0].shape)))
     prepared = [prepare(qwen, b) for b in work]
     responses = [Response(qwen.tokenizer, p) for p in prepared]
-    engine = Engine(qwen.model, max_running=16)
+    engine = Engine(qwen.model, max_running=16, prefill_chunk=256)  # every prompt in one chunk, in step one
     for p, r in zip(prepared, responses):
         engine.add(p.engine_request(qwen), r.push)
     try:
@@ -85,7 +85,7 @@ def test_a_lora_request_that_hangs_up_frees_its_row_at_the_next_step(tiny, adapt
     qwen = qwen_ref.load(tiny("qwen2.5"), lora_dir=adapters)
     keep = prepare(qwen, {"prompt": "plain", "max_tokens": 30, "seed": 1})
     gone = prepare(qwen, {"prompt": "long answer", "max_tokens": 1200, "seed": 2, "lora": "alpha"})
-    engine = Engine(qwen.model)
+    engine = Engine(qwen.model, prefill_chunk=256)  # both prompts prefilled in the first step
     events: list = []
     engine.add(keep.engine_request(qwen), lambda e: None)
     handle = engine.add(gone.engine_request(qwen), events.append)

@@ -103,7 +103,8 @@ def test_exact_batch_is_one_forward_per_step_and_equals_each_row_alone(tiny, dty
     budgets = [20, 5, 17, 20, 1]
     alone = [generate_ids(model, [p], b, stop_ids=[11, 500])[0] for p, b in zip(prompts, budgets)]
     calls = []
-    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[0].shape), with_kwargs=True)
+    # every pass (a whole forward, or a prefill chunk run a few layers at a time) starts at the embedding
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
     try:
         batched = generate_ids(model, prompts, budgets, stop_ids=[11, 500])
     finally:

@@ -57,15 +57,21 @@ def generate_json(qwen, response_format, seeds, max_tokens, prior: Prior | None 
         engine.add(EngineRequest(list(prompt), max_tokens, state, frozenset(qwen.eos_token_ids), constraint=c),
                    sink(outputs[-1]))
     step = [0]
-    hook = None if prior is None else qwen.model.register_forward_hook(
-        lambda module, args, logits: None if logits is None else logits + prior(step[0]))
+    end = qwen.model.end  # every forward, and a prefill chunk's last slice, ends here with the logits
+
+    def end_with_prior(*args, **kwargs):
+        logits = end(*args, **kwargs)
+        return None if logits is None else logits + prior(step[0])
+
+    if prior is not None:
+        qwen.model.end = end_with_prior
     try:
         while engine.has_work():
             engine.step()
             step[0] += 1
     finally:
-        if hook is not None:
-            hook.remove()
+        if prior is not None:
+            del qwen.model.end
     assert not failures, failures
     texts = [tok.decode([t for t in out if t not in qwen.eos_token_ids]) for out in outputs]
     return list(zip(constraints, texts, outputs))

@@ -4,9 +4,10 @@
     handle = engine.add(request, sink)        # thread-safe; sink(event) gets Token, then Finished or Failed
     while engine.has_work(): engine.step()    # or engine.start() to run steps on a thread of its own
 
-A step: take in new requests and drop cancelled or expired ones; admit waiting requests as memory allows; run
-this step's prefill chunks; feed every decoding request its last token in one decode step; sample a token for
-every request that has logits; hand the tokens out; release the requests that finished. Requests join and leave
+A step: take in new requests and drop cancelled or expired ones; admit waiting requests as memory allows; feed
+every decoding request its last token in one decode step; prefill (while requests decode, for at most
+prefill_ratio x that decode step's time, a decoder layer at a time; else a chunk); sample a token for every
+request that has logits; hand the tokens out; release the requests that finished. Requests join and leave
 at step boundaries. generate(), the CLI and the server all run their requests through this class.
 """
 
@@ -26,16 +27,21 @@ from qwen_ref.engine.sequence import EngineRequest, Failed, Finished, Sequence, 
 from qwen_ref.errors import ConfigError, EngineError, InvalidInput, QwenRefError, RequestTimeout
 from qwen_ref.models.qwen2 import QwenForCausalLM
 
-DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per step; see docs/engine.md for the latency / throughput trade
+DEFAULT_PREFILL_CHUNK = 32  # prompt tokens per forward, at fixed offsets of each prompt (docs/engine.md)
+DEFAULT_PREFILL_RATIO = 0.5  # while requests decode, prefill time per step <= this x the decode step's time
 DEFAULT_MAX_RUNNING = 64
 
 
 class Engine:
     def __init__(self, model: QwenForCausalLM, *, exact: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 max_running: int = DEFAULT_MAX_RUNNING, kv_memory: int | None = None):
+                 prefill_ratio: float = DEFAULT_PREFILL_RATIO, max_running: int = DEFAULT_MAX_RUNNING,
+                 kv_memory: int | None = None):
         for name, value in (("prefill_chunk", prefill_chunk), ("max_running", max_running), ("kv_memory", kv_memory)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"Engine: {name}={value!r} must be an integer >= 1")
+        if isinstance(prefill_ratio, bool) or not isinstance(prefill_ratio, int | float) or not prefill_ratio > 0:
+            raise ConfigError(f"Engine: prefill_ratio={prefill_ratio!r} must be a number > 0")
+        self.prefill_ratio = float(prefill_ratio)
         device = model.lm_head.weight.device
         self.runner = Runner(model, mode=decode_mode(model, exact), prefill_chunk=prefill_chunk)
         self.scheduler = Scheduler(model, max_running=max_running,
@@ -85,13 +91,17 @@ class Engine:
         self._drop_stopped()
         self.scheduler.admit()
         decoding = [s for s in self.scheduler.running if s.status is Status.DECODE]
-        ready = self._prefill()
+        ready = []
+        started = time.perf_counter()
         for seq, logits in zip(decoding, self.runner.decode(decoding) if decoding else []):
             if isinstance(logits, QwenRefError):
                 self._fail(seq, logits)
             else:
                 seq.logits = logits
                 ready.append(seq)
+        # while requests decode, prefill gets a share of the step's time, a decoder layer at a time; else a chunk
+        budget = (time.perf_counter() - started) * self.prefill_ratio if decoding else None
+        ready += self._prefill(budget)
         self._sample(ready)
         self.counters["steps"] += 1
 
@@ -117,25 +127,42 @@ class Engine:
             return True
         return False
 
-    def _prefill(self) -> list[Sequence]:
-        ready = []
-        for seq in self.scheduler.prefill_chunks(self.runner.next_chunk, self.runner.prefill_chunk):
-            try:
-                logits = self.runner.prefill(seq)
-            except Exception as e:
-                for s in [*seq.followers, seq]:
-                    self._fail(s, e)
-                continue
-            if logits is None:
-                continue
-            seq.logits, seq.status = logits, Status.DECODE
-            ready.append(seq)
-            for follower in seq.followers:  # n samples: each starts from a copy of the prompt's cache
-                if follower.status is Status.FOLLOW:
-                    follower.cache, follower.logits = seq.cache.clone(), logits
-                    follower.prefilled, follower.status = seq.prefilled, Status.DECODE
-                    ready.append(follower)
+    def _prefill(self, budget_s: float | None) -> list[Sequence]:
+        """Prefill work for this step: with a time budget, decoder layers of the waiting prompts' chunks (shortest
+        remaining prompt first) until the budget is spent, at least one layer; without one, whole chunks up to
+        prefill_chunk tokens, at least one chunk."""
+        ready: list[Sequence] = []
+        if budget_s is None:
+            for seq in self.scheduler.prefill_chunks(self.runner.next_chunk, self.runner.prefill_chunk):
+                self._prefill_one(seq, None, ready)
+            return ready
+        started, layer_s = time.perf_counter(), 0.0
+        for seq in self.scheduler.prefill_chunks(self.runner.next_chunk, 0):
+            while seq.status is Status.PREFILL:
+                spent = time.perf_counter() - started
+                if spent > 0 and spent + layer_s > budget_s:
+                    return ready
+                t = time.perf_counter()
+                self._prefill_one(seq, 1, ready)
+                layer_s = time.perf_counter() - t
         return ready
+
+    def _prefill_one(self, seq: Sequence, layers: int | None, ready: list[Sequence]) -> None:
+        try:
+            logits = self.runner.prefill(seq, layers)
+        except Exception as e:
+            for s in [*seq.followers, seq]:
+                self._fail(s, e)
+            return
+        if logits is None:
+            return
+        seq.logits, seq.status = logits, Status.DECODE
+        ready.append(seq)
+        for follower in seq.followers:  # n samples: each starts from a copy of the prompt's cache
+            if follower.status is Status.FOLLOW:
+                follower.cache, follower.logits = seq.cache.clone(), logits
+                follower.prefilled, follower.status = seq.prefilled, Status.DECODE
+                ready.append(follower)
 
     def _sample(self, ready: list[Sequence]) -> None:
         if not ready:

@@ -7,7 +7,8 @@ Decode modes, chosen once per engine (`decode_mode`):
   per step and each row still computes exactly what it computes alone.
 - "fast": all rows share one forward with BLAS linears: equal to running alone up to float rounding.
 Prefill is always one request per forward, in chunks of `prefill_chunk` tokens at fixed offsets of its prompt,
-so a request's numbers never depend on what else runs. Each row attends over exactly its own keys (RowCaches).
+so a request's numbers never depend on what else runs; a chunk may be run a few decoder layers at a time.
+Each row attends over exactly its own keys (RowCaches).
 
 A forward that raises fails only its rows: a shared decode forward that raises is retried row by row, and only
 the rows that fail alone fail.
@@ -56,15 +57,23 @@ class Runner:
         return min(self.prefill_chunk - seq.prefilled % self.prefill_chunk, seq.remaining_prompt)
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence) -> torch.Tensor | None:
-        """Feed seq's next chunk; the logits [V] of its last prompt token once the whole prompt is in."""
-        n = self.next_chunk(seq)
-        start = seq.prefilled
-        self._make_room(seq, start + n)
-        ids = torch.tensor([seq.request.prompt_ids[start : start + n]], device=self.device)  # [1, n]
-        last = start + n == len(seq.request.prompt_ids)
-        out = self.model(ids, cache=seq.cache, last_only=True, compute_logits=last, lora=self._lora([seq]))
-        seq.prefilled += n
+    def prefill(self, seq: Sequence, layers: int | None = None) -> torch.Tensor | None:
+        """Run `layers` more decoder layers of seq's current chunk (all that are left by default), starting the
+        chunk when none is in progress; the logits [V] of its last prompt token once the whole prompt is in.
+        A chunk run a few layers at a time gives the numbers of running it at once."""
+        if seq.prefill_pass is None:
+            n = self.next_chunk(seq)
+            start = seq.prefilled
+            self._make_room(seq, start + n)
+            ids = torch.tensor([seq.request.prompt_ids[start : start + n]], device=self.device)  # [1, n]
+            seq.prefill_pass = self.model.begin(ids, cache=seq.cache, lora=self._lora([seq]))
+        p = seq.prefill_pass
+        if not self.model.run_layers(p, layers):
+            return None
+        seq.prefill_pass = None
+        seq.prefilled += p.x.shape[1]
+        last = seq.remaining_prompt == 0
+        out = self.model.end(p, last_only=True, compute_logits=last)
         return out[0, 0] if last else None
 
     @torch.inference_mode()

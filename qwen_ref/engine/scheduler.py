@@ -3,9 +3,8 @@
 Admission reserves for each request the KV memory it can need at most (prompt + max_tokens positions); the
 memory itself is allocated as the request uses it. A request that can never fit the budget is refused at once
 with KVMemoryExceeded; one that does not fit now waits, first come first served. n samples of one prompt are
-admitted together. Each step runs at most `prefill_chunk` prompt tokens (at least one chunk), shortest remaining
-prompt first, so a short prompt is not queued behind a long one and no running request waits for more than
-one chunk between two of its tokens.
+admitted together. Prompts are prefilled shortest remaining prompt first, so a short prompt is not queued behind
+a long one; the engine decides how much prefill work a step does.
 """
 
 from __future__ import annotations
@@ -77,9 +76,11 @@ class Scheduler:
 
     def prefill_chunks(self, chunk_of: Callable[[Sequence], int], budget: int) -> list[Sequence]:
         """The sequences whose next chunk runs this step: shortest remaining prompt first, as many chunks as fit
-        in `budget` tokens, and always at least one."""
+        in `budget` tokens, and always at least one (budget 0: all of them, in that order)."""
         prefilling = sorted((s for s in self.running if s.status is Status.PREFILL),
                             key=lambda s: (s.remaining_prompt, s.arrival))
+        if budget == 0:
+            return prefilling
         chosen = []
         for seq in prefilling:
             n = chunk_of(seq)

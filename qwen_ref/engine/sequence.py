@@ -69,6 +69,7 @@ class Sequence:
     status: Status = Status.WAITING
     cache: KVCache | None = None
     prefilled: int = 0  # prompt tokens in the cache
+    prefill_pass: Any = None  # qwen_ref.models.qwen2.Pass: the chunk whose layers are being run, a few per step
     logits: torch.Tensor | None = None  # [V]: the next token's logits, ready to sample
     next_token: int | None = None  # sampled, not yet fed to the model
     produced: int = 0

@@ -120,11 +120,21 @@ class QwenModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids: torch.Tensor, fwd: Forward) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [B, T, hidden]
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, fwd: Forward, layers: slice = slice(None)) -> torch.Tensor:
+        for layer in self.layers[layers]:
             x = layer(x, fwd)
-        return self.norm(x, fwd)
+        return x
+
+
+@dataclass
+class Pass:
+    """One forward in progress: the hidden states after the first `done` layers. The engine runs a long prompt's
+    chunk a few layers at a time between other requests' decode steps; the numbers are those of forward()."""
+
+    fwd: Forward
+    x: torch.Tensor  # [B, T, hidden]
+    num_new: torch.Tensor  # [B]
+    done: int = 0
 
 
 class QwenForCausalLM(nn.Module):
@@ -155,6 +165,13 @@ class QwenForCausalLM(nn.Module):
         lora: a qwen_ref.lora.RowAdapters giving each row its own adapter (or none), applied unmerged.
         compute_logits=False only fills the cache (a prefill chunk before the prompt's last) and returns None.
         """
+        p = self.begin(input_ids, cache, num_new, lora)
+        self.run_layers(p)
+        return self.end(p, last_only, compute_logits)
+
+    def begin(self, input_ids: torch.Tensor, cache: KVCache | RowCaches | None = None,
+              num_new: torch.Tensor | None = None, lora: Any = None) -> Pass:
+        """A forward up to its first layer: embeddings, positions, rotations."""
         B, T = input_ids.shape
         device = input_ids.device
         if num_new is None:
@@ -167,14 +184,27 @@ class QwenForCausalLM(nn.Module):
             seq_lens = cache.lengths + num_new
         cos, sin = self.model.rotary_emb(positions, seq_lens, self.lm_head.weight.dtype)
         fwd = Forward(positions, cos, sin, cache, self.backends, lora)
-        hidden = self.model(input_ids, fwd)  # [B, T, hidden]
-        if cache is not None:
-            cache.advance(num_new)
+        return Pass(fwd, self.model.embed_tokens(input_ids), num_new)  # x: [B, T, hidden]
+
+    def run_layers(self, p: Pass, count: int | None = None) -> bool:
+        """Run the pass's next `count` decoder layers (all that are left by default); True once all have run."""
+        stop = len(self.model.layers) if count is None else min(len(self.model.layers), p.done + count)
+        p.x = self.model(p.x, p.fwd, slice(p.done, stop))
+        p.done = stop
+        return stop == len(self.model.layers)
+
+    def end(self, p: Pass, last_only: bool = False, compute_logits: bool = True) -> torch.Tensor | None:
+        """The final norm and lm_head of a pass whose layers have all run; the cache advances here."""
+        assert p.done == len(self.model.layers), "end() before every layer ran"
+        hidden = self.model.norm(p.x, p.fwd)  # [B, T, hidden]
+        if p.fwd.cache is not None:
+            p.fwd.cache.advance(p.num_new)
         if not compute_logits:
             return None
         if last_only:
-            last = (num_new - 1).clamp(min=0)
-            hidden = hidden[torch.arange(B, device=device), last][:, None]  # [B, 1, hidden]
-        logits = fwd.linear(hidden, self.lm_head)[0]
+            B = hidden.shape[0]
+            last = (p.num_new - 1).clamp(min=0)
+            hidden = hidden[torch.arange(B, device=hidden.device), last][:, None]  # [B, 1, hidden]
+        logits = p.fwd.linear(hidden, self.lm_head)[0]
         # numerics: lm_head runs in the model dtype (as HF); logits are then upcast for the sampler
         return logits if logits.dtype == torch.float64 else logits.float()

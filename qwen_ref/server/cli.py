@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qwen_ref.engine import DEFAULT_PREFILL_CHUNK
+from qwen_ref.engine import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_RATIO
 from qwen_ref.errors import QwenRefError
 from qwen_ref.server.settings import (
     DEFAULT_MAX_BATCH,
@@ -48,8 +48,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                         help=f"largest request body accepted (default {DEFAULT_MAX_BODY})")
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
-                        help="prompt tokens prefilled per engine step; smaller: running requests wait less while a "
-                             f"long prompt is prefilled; larger: faster prefill (default {DEFAULT_PREFILL_CHUNK})")
+                        help="prompt tokens per prefill forward; smaller: running requests wait less while a long "
+                             f"prompt is prefilled; larger (256): faster prefill (default {DEFAULT_PREFILL_CHUNK})")
+    parser.add_argument("--prefill-ratio", type=float, default=DEFAULT_PREFILL_RATIO,
+                        help="while requests decode, each engine step spends at most this times the decode step's "
+                             f"time on prefill, a decoder layer at a time (default {DEFAULT_PREFILL_RATIO})")
     parser.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
                         help="KV cache budget per model in GiB: requests that could need more wait, or are refused "
                              "when they never fit (default: half the memory available at start)")
@@ -57,7 +60,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for flag in ("max_batch", "max_queue", "max_body_bytes", "timeout", "threads", "prefill_chunk", "kv_memory"):
+    for flag in ("max_batch", "max_queue", "max_body_bytes", "timeout", "threads", "prefill_chunk", "prefill_ratio",
+                 "kv_memory"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise QwenRefError(f"--{flag.replace('_', '-')} must be > 0")
 
@@ -77,7 +81,8 @@ def run_server(args: argparse.Namespace, load_options: Mapping[str, Any]) -> int
         torch.set_num_threads(args.threads)
     kv_memory = None if args.kv_memory is None else int(args.kv_memory * 2**30)
     served = load_models(args.sources, args.name, load_options, exact=args.batching == "exact",
-                         max_running=args.max_batch, prefill_chunk=args.prefill_chunk, kv_memory=kv_memory)
+                         max_running=args.max_batch, prefill_chunk=args.prefill_chunk,
+                         prefill_ratio=args.prefill_ratio, kv_memory=kv_memory)
     app = create_app(served, Settings(token, args.max_body_bytes, args.timeout, args.max_queue))
     base = f"http://{args.host}:{args.port}"
     for name in served:
