@@ -25,7 +25,8 @@ Drawn = tuple[int, TokenLogprobs | None]
 def sample_rows(seqs: Seq[Sequence], logits: torch.Tensor) -> list[Drawn | QwenRefError]:
     """Per row of logits [B, V] (row b is seqs[b]): its token and logprobs, accepted into its state, or its error."""
     out: list[Drawn | QwenRefError | None] = [None] * len(seqs)
-    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
+    top = logits.amax(dim=-1)  # NaN anywhere in a row makes its max NaN; +inf anywhere makes it +inf
+    bad = (torch.isnan(top) | torch.isposinf(top)).tolist()
     for row, seq in enumerate(seqs):
         if bad[row]:
             out[row] = NonFiniteLogits(f"the model produced NaN or infinite logits for this request at output "
@@ -35,8 +36,10 @@ def sample_rows(seqs: Seq[Sequence], logits: torch.Tensor) -> list[Drawn | QwenR
         out[row] = error
     live = [row for row, o in enumerate(out) if o is None]
     if live:
-        for row, drawn in zip(live, _draw([seqs[r] for r in live], logits[live],
-                                          None if mask is None else mask[live].to(logits.device))):
+        every = len(live) == len(seqs)  # no copy of the logits when no row failed
+        rows_logits = logits if every else logits[live]
+        rows_mask = None if mask is None else (mask if every else mask[live]).to(logits.device)
+        for row, drawn in zip(live, _draw([seqs[r] for r in live], rows_logits, rows_mask)):
             out[row] = drawn if isinstance(drawn, QwenRefError) else _accept(seqs[row], drawn)
     return out  # type: ignore[return-value]
 
