@@ -17,6 +17,7 @@ from qwen_ref.qwen import Qwen, load
 from qwen_ref.server.cli import add_serve_arguments, run_server
 from qwen_ref.workers_ai.generate import generate
 from qwen_ref.workers_ai.inspect import inspect_steps
+from qwen_ref.workers_ai.validate import validate_input
 
 # flag -> request field, with its type
 PARAM_FLAGS = {
@@ -112,7 +113,11 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> int:
     body = build_request(args)
     qwen = _load(args)
-    out = generate(qwen, body)
+    ignored: list[str] = []
+    validate_input(body, strict=args.strict, ignored=ignored)  # the refusal or the list, before the model runs
+    if ignored:
+        print(f"qwen-ref: ignored unknown request keys: {', '.join(ignored)}", file=sys.stderr)
+    out = generate(qwen, body, strict=args.strict)
     if not body.get("stream"):
         print(json.dumps(out, ensure_ascii=False, indent=2))
         return 0
@@ -153,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_arguments(run)
     _add_request_args(run)
     run.add_argument("--stream", action="store_true", help="stream the text as it is generated (SSE)")
+    run.add_argument("--strict", action="store_true",
+                     help="refuse request keys the Workers AI schema does not know (default: ignore them, as the "
+                          "service does, and name them on stderr)")
     run.set_defaults(func=_run)
 
     ins = sub.add_parser("inspect", help="show the next-token distribution after every sampler stage")

@@ -140,7 +140,7 @@ class ShuttingDown(QwenRefError):
 
 # The service's answer to each error: (HTTP status, Workers AI error code). Codes from the service's error
 # table where it has one (5006 bad input, 5005 no LoRA, 5007 no such model, 3006 too large, 3007 timeout,
-# 3040 out of capacity, 10000 authentication); else the status itself.
+# 3040 out of capacity, 10000 authentication, 7000 no route); else the status itself.
 SERVICE_ERRORS: dict[type[Exception], tuple[int, int]] = {
     InvalidInput: (400, 5006),
     ContextWindowExceeded: (400, 400),
@@ -149,7 +149,7 @@ SERVICE_ERRORS: dict[type[Exception], tuple[int, int]] = {
     LoraUnavailable: (405, 5005),
     Unauthorized: (401, 10000),
     NoSuchModel: (400, 5007),
-    NoRoute: (404, 404),
+    NoRoute: (404, 7000),
     MethodNotAllowed: (405, 405),
     RequestTooLarge: (413, 3006),
     UnsupportedMediaType: (415, 415),

@@ -208,8 +208,16 @@ def test_lora_is_refused_clearly(qwen25):
 )
 def test_bad_requests_raise_invalid_input_before_any_work(qwen25, body, path):
     with pytest.raises(InvalidInput) as e:
-        generate(qwen25, body)
+        generate(qwen25, body, strict=True)  # strict: an unknown key (the typo) is an error too
     assert e.value.path == path
+
+
+def test_unknown_keys_are_ignored_unless_strict(qwen25):
+    body = {"prompt": "x", "max_tokens": 3, "seed": 1}
+    sent = {**body, "stop": None, "tool_choice": "auto", "options": {"rejectIfBusy": True}}
+    assert generate(qwen25, sent) == generate(qwen25, body)  # as the service: extra keys change nothing
+    with pytest.raises(InvalidInput, match="unknown key 'options'"):  # the first in key order
+        generate(qwen25, sent, strict=True)
 
 
 def test_a_bad_request_in_a_batch_names_its_index(qwen25):

@@ -73,3 +73,19 @@ def test_binds_loopback_by_default():
 
     args = build_parser().parse_args(["serve", "tiny"])
     assert (args.host, args.batching, args.api_token) == ("127.0.0.1", "exact", None)
+
+
+def test_reject_if_busy_answers_429_while_requests_wait(qwen15):
+    from qwen_ref.errors import OutOfCapacity
+
+    served = Served("m", qwen15, Engine(qwen15.model))  # not started: what is added stays queued
+    busy = {"prompt": "x", "max_tokens": 2, "options": {"rejectIfBusy": True}}
+
+    async def attempt():
+        return await start(served, busy, Settings())
+
+    ticket = asyncio.run(attempt())  # an empty queue: accepted (the option is the service's, not a schema key)
+    assert ticket.response.prepared.ignored == ["/options"]
+    with pytest.raises(OutOfCapacity) as e:
+        asyncio.run(attempt())  # the first one still waits
+    assert (e.value.status, e.value.code) == (429, 3040)

@@ -79,7 +79,8 @@ class Engine:
             return bool(self._inbox or self.scheduler.waiting or self.scheduler.running)
 
     def stats(self) -> dict[str, int]:
-        return {**self.counters, "active": len(self.scheduler.running), "queued": len(self.scheduler.waiting),
+        queued = len(self._inbox) + sum(len(group) for group in self.scheduler.waiting)
+        return {**self.counters, "active": len(self.scheduler.running), "queued": queued,
                 "kv_reserved_bytes": self.scheduler.reserved, "kv_budget_bytes": self.scheduler.kv_memory}
 
     # ------------------------------------------------------------------------------------------------ one step

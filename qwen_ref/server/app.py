@@ -22,7 +22,7 @@ from starlette.routing import Route
 from qwen_ref.engine import Engine
 from qwen_ref.errors import EngineError, MethodNotAllowed, NoRoute, QwenRefError
 from qwen_ref.qwen import Qwen, load
-from qwen_ref.server.bridge import Served, as_named
+from qwen_ref.server.bridge import Served, as_named, lookup
 from qwen_ref.server.http import check_auth, error_response
 from qwen_ref.server.native import run_model
 from qwen_ref.server.openai import chat_completions
@@ -58,6 +58,11 @@ def load_models(sources: Sequence[str] = (), aliases: Sequence[str] = (),
     return served
 
 
+def model_card(name: str) -> dict[str, Any]:
+    """A served model in OpenAI's model object shape."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "qwen-ref"}
+
+
 def create_app(served: Mapping[str, Served], settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     served = dict(served)
@@ -74,8 +79,14 @@ def create_app(served: Mapping[str, Served], settings: Settings | None = None) -
             check_auth(request, settings.api_token)
         except QwenRefError as e:
             return error_response(request.url.path, e)
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "qwen-ref"} for name in served]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [model_card(name) for name in served]})
+
+    async def get_model(request: Request) -> Response:
+        try:
+            check_auth(request, settings.api_token)
+            return JSONResponse(model_card(lookup(served, request.path_params["model"]).name))
+        except QwenRefError as e:
+            return error_response(request.url.path, e)
 
     async def stats(request: Request) -> Response:
         try:
@@ -107,6 +118,8 @@ def create_app(served: Mapping[str, Served], settings: Settings | None = None) -
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/client/v4/accounts/{account_id}/ai/v1/models", list_models, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/client/v4/accounts/{account_id}/ai/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/qwen-ref/stats", stats, methods=["GET"]),
     ]
     handlers = {404: http_error, 405: http_error, Exception: http_error}

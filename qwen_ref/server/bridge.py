@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
@@ -25,6 +26,7 @@ from qwen_ref.server.settings import Settings
 from qwen_ref.workers_ai.output import Response
 from qwen_ref.workers_ai.request import Prepared, prepare
 
+log = logging.getLogger("qwen_ref.server")
 DEADLINE_GRACE_S = 5.0  # the engine enforces the deadline; the event loop waits this much longer as a net
 
 
@@ -83,7 +85,12 @@ class Ticket:
 
 async def start(served: Served, body: Any, settings: Settings) -> Ticket:
     """Validate, template and tokenize off the event loop, then queue the request."""
-    prepared = await run_in_threadpool(prepare, served.qwen, body)
+    options = body.get("options") if isinstance(body, dict) else None
+    if isinstance(options, dict) and options.get("rejectIfBusy") is True and served.engine.stats()["queued"]:
+        raise OutOfCapacity("Capacity temporarily exceeded, please try again")  # the service's rejectIfBusy
+    prepared = await run_in_threadpool(lambda: prepare(served.qwen, body, strict=settings.strict))
+    if prepared.ignored:
+        log.info("ignored unknown request keys: %s", ", ".join(prepared.ignored))
     return Ticket(served, prepared, settings)
 
 

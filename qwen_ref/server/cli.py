@@ -56,6 +56,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
                         help="KV cache budget per model in GiB: requests that could need more wait, or are refused "
                              "when they never fit (default: half the memory available at start)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse request keys the Workers AI schema does not know, naming them (default: ignore "
+                             "them, as the service does, and list them in the X-Qwen-Ref-Ignored-Keys header)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -83,7 +86,7 @@ def run_server(args: argparse.Namespace, load_options: Mapping[str, Any]) -> int
     served = load_models(args.sources, args.name, load_options, exact=args.batching == "exact",
                          max_running=args.max_batch, prefill_chunk=args.prefill_chunk,
                          prefill_ratio=args.prefill_ratio, kv_memory=kv_memory)
-    app = create_app(served, Settings(token, args.max_body_bytes, args.timeout, args.max_queue))
+    app = create_app(served, Settings(token, args.max_body_bytes, args.timeout, args.max_queue, args.strict))
     base = f"http://{args.host}:{args.port}"
     for name in served:
         print(f"qwen-ref serve: {name} at {base}/client/v4/accounts/ACCOUNT_ID/ai/run/{name}", file=sys.stderr)

@@ -106,9 +106,11 @@ def envelope(result: Any) -> dict[str, Any]:
     return {"result": result, "success": True, "errors": [], "messages": []}
 
 
-def error_envelope(e: Exception) -> dict[str, Any]:
-    return {"result": None, "success": False, "errors": [{"code": service_status(e)[1], "message": message_of(e)}],
-            "messages": []}
+def error_envelope(e: Exception, reached_model: bool = False) -> dict[str, Any]:
+    """The service's error envelope; `result` is {} for an error of a request that reached the model (its
+    input, its generation), null for one refused before (auth, route, body)."""
+    return {"result": {} if reached_model else None, "success": False,
+            "errors": [{"code": service_status(e)[1], "message": message_of(e)}], "messages": []}
 
 
 def openai_error_body(e: Exception) -> dict[str, Any]:
@@ -122,7 +124,7 @@ def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") or "/ai/v1/" in path
 
 
-def error_response(path: str, e: Exception) -> Response:
-    body = openai_error_body(e) if is_openai_path(path) else error_envelope(e)
+def error_response(path: str, e: Exception, reached_model: bool = False) -> Response:
+    body = openai_error_body(e) if is_openai_path(path) else error_envelope(e, reached_model)
     status = service_status(e)[0]
     return JSONResponse(body, status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)

@@ -18,3 +18,4 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_queue: int = DEFAULT_MAX_QUEUE
+    strict: bool = False  # unknown request keys: an error naming them, instead of ignored and listed

@@ -32,6 +32,7 @@ class Prepared:
     constraint: Any = None  # qwen_ref.sampling.json_mask.JsonConstraint in JSON mode
     tool_names: set[str] = field(default_factory=set)
     adapter: Any = None  # the qwen_ref.lora.LoraAdapter applied to this request (unmerged); None: none
+    ignored: list[str] = field(default_factory=list)  # JSON pointers of unknown keys left out (not strict)
 
     @property
     def stream(self) -> bool:
@@ -76,9 +77,12 @@ def prompt_text(qwen: Qwen, inputs: dict[str, Any], where: str = "") -> tuple[st
     return text, tool_names(tools)
 
 
-def prepare(qwen: Qwen, inputs: Any, where: str = "") -> Prepared:
+def prepare(qwen: Qwen, inputs: Any, where: str = "", *, strict: bool = False) -> Prepared:
+    """strict=False (the service's behaviour): keys the schema does not know are ignored and listed in
+    Prepared.ignored; strict=True: they are an InvalidInput naming them (for research, where a typo must not pass)."""
+    ignored: list[str] = []
     try:
-        body = with_defaults(validate_input(inputs))
+        body = with_defaults(validate_input(inputs, strict=strict, ignored=ignored))
     except InvalidInput as e:
         raise _bad(where, e.path, e.rule, e.detail) from None
     adapter = _adapter(qwen, body.get("lora"), where)
@@ -109,7 +113,7 @@ def prepare(qwen: Qwen, inputs: Any, where: str = "") -> Prepared:
             raise _bad(where, "/response_format" + e.path.removeprefix("/response_format"), "json_schema",
                        e.detail) from None
     return Prepared(body, prompt_ids, RequestState.start(params, prompt_ids), max_tokens, constraint, names,
-                    adapter)
+                    adapter, [where + path for path in ignored])
 
 
 def _adapter(qwen: Qwen, name: str | None, where: str) -> Any:
@@ -130,12 +134,12 @@ def _adapter(qwen: Qwen, name: str | None, where: str) -> Any:
     return adapter
 
 
-def samples(qwen: Qwen, inputs: Any, n: int) -> list[Prepared]:
+def samples(qwen: Qwen, inputs: Any, n: int, *, strict: bool = False) -> list[Prepared]:
     """n samples of one request: sample i uses seed + i (sampling.sample_seed), or a fresh seed each without a
     seed. They share one prompt, so the engine prefills it once."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
         raise InvalidInput("/", "n", f"n: {n!r} is out of range; allowed: an integer from 1 to {MAX_SAMPLES}")
-    first = prepare(qwen, inputs)
+    first = prepare(qwen, inputs, strict=strict)
     if first.stream and n > 1:
         raise InvalidInput("/stream", "n", "stream is not available with n > 1")
     out = [first]

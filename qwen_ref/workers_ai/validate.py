@@ -288,8 +288,12 @@ def _normalized(inputs: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def validate_input(inputs: Any) -> dict[str, Any]:
-    """Check a request body; return a deep copy with integral floats of integer fields made ints (2.0 -> 2)."""
+def validate_input(inputs: Any, *, strict: bool = True, ignored: list[str] | None = None) -> dict[str, Any]:
+    """Check a request body; return a deep copy with integral floats of integer fields made ints (2.0 -> 2).
+
+    strict (the default here): a key the schema does not know is an error, naming it. strict=False, what the
+    service does: unknown keys are left out of the returned body, and their JSON pointers appended to `ignored`.
+    """
     if not isinstance(inputs, dict):
         detail = f"expected a JSON object (a request body), got {_show(inputs)} ({_article(_json_type(inputs))})"
         raise InvalidInput("/", "type", detail)
@@ -299,10 +303,20 @@ def validate_input(inputs: Any) -> dict[str, Any]:
     validator = _input_validators()[_branch(inputs)]
     problems = [p for e in validator.iter_errors(inputs) for p in _schema_problems(e)]
     problems.extend(_response_format_problems(inputs.get("response_format")))
-    error = _first(problems)
+    unknown = [] if strict else [p for p in problems if p.rule == "additionalProperties"]
+    error = _first([p for p in problems if p not in unknown])
     if error is not None:
         raise error
-    return _normalized(inputs)
+    body = _normalized(inputs)
+    for problem in unknown:
+        *parents, key = problem.path
+        holder: Any = body
+        for part in parents:
+            holder = holder[part]
+        holder.pop(key, None)
+        if ignored is not None:
+            ignored.append(pointer(problem.path))
+    return body
 
 
 def with_defaults(inputs: Mapping[str, Any]) -> dict[str, Any]:
