@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 import qwen_ref
 from qwen_ref.errors import ContextWindowExceeded, InvalidInput, LoraUnavailable
 from qwen_ref.workers_ai.generate import generate
+from qwen_ref.workers_ai.request import prepare
 from qwen_ref.workers_ai.validate import validate_output
 
 SYSTEM = {"role": "system", "content": "You are a friendly assistant"}
@@ -306,3 +307,31 @@ def test_exact_batches_equal_alone_at_16_rows(qwen15):
     fast = generate(qwen15, bodies, exact=False)  # allowed to differ at near-ties; still valid outputs
     for out in fast:
         validate_output(out)
+
+
+TOOLS_OPENAI = [{"type": "function", "function": {"name": "getWeather", "description": "Get the weather",
+                                                  "parameters": {"type": "object", "properties": {
+                                                      "city": {"type": "string", "description": "The city"}}}}}]
+HISTORY = [
+    {"role": "user", "content": "Weather in Oslo and Bergen?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "getWeather", "arguments": '{"city": "Oslo"}'}}]},  # OpenAI's shape: arguments as JSON text
+    {"role": "tool", "content": "12C", "tool_call_id": "call_1", "name": "getWeather"},
+    {"role": "assistant", "content": "", "tool_calls": [{"name": "getWeather", "arguments": {"city": "Bergen"}}]},
+    {"role": "tool", "content": "9C", "tool_call_id": "call_2"},
+]
+
+
+def test_tool_conversations_render_as_transformers_renders_them(qwen25):
+    from transformers import AutoTokenizer
+
+    from qwen_ref.workers_ai.request import prompt_text
+
+    p = prepare(qwen25, {"messages": HISTORY, "tools": TOOLS_OPENAI}, strict=True)  # every key is known
+    text, _ = prompt_text(qwen25, p.inputs)
+    as_objects = [dict(m) for m in HISTORY]
+    as_objects[1] = {**HISTORY[1], "tool_calls": [{**HISTORY[1]["tool_calls"][0], "function": {
+        "name": "getWeather", "arguments": {"city": "Oslo"}}}]}
+    hf = AutoTokenizer.from_pretrained(qwen25.path)
+    assert text == hf.apply_chat_template(as_objects, tools=TOOLS_OPENAI, tokenize=False, add_generation_prompt=True)
+    assert '{"name": "getWeather", "arguments": {"city": "Oslo"}}' in text and "<tool_response>\n9C" in text

@@ -87,13 +87,23 @@ def test_openai_tool_calls_are_in_openai_shape(qwen25):
     assert json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
 
 
-def test_openai_history_with_tool_calls_renders_as_qwen_does():
+def test_openai_history_with_tool_calls_renders_as_qwen_does(qwen25):
+    from transformers import AutoTokenizer
+
+    from qwen_ref.workers_ai.request import prompt_text
+
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
     chat = chat_request({"model": "m", "messages": [
         {"role": "user", "content": "go"},
         {"role": "assistant", "content": None, "tool_calls": [call, call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "42"}]})
+    assert chat.body["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [call, call]}
+    assert chat.body["messages"][2] == {"role": "tool", "content": "42", "tool_call_id": "call_1"}
+    text, _ = prompt_text(qwen25, prepare(qwen25, chat.body, strict=True).inputs)
+    parsed = {**call, "function": {"name": "f", "arguments": {"x": 1}}}
+    expected = AutoTokenizer.from_pretrained(qwen25.path).apply_chat_template(
+        [chat.body["messages"][0], {**chat.body["messages"][1], "tool_calls": [parsed, parsed]},
+         chat.body["messages"][2]], tokenize=False, add_generation_prompt=True)
     block = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
-    assert chat.body["messages"][1] == {"role": "assistant", "content": f"{block}\n{block}"}
-    assert chat.body["messages"][2] == {"role": "tool", "content": "42"}
+    assert text == expected and f"{block}\n{block}" in text
 

@@ -59,10 +59,17 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("message-role-case", {"messages": [{"role": "User", "content": "hi"}]}, "/messages/0/role", "enum"),
     (
         "message-unknown-key",
-        {"messages": [*HELLO, {"role": "user", "content": "hi", "name": "bob"}]},
-        "/messages/2/name",
+        {"messages": [*HELLO, {"role": "user", "content": "hi", "nmae": "bob"}]},  # name is known (tool messages)
+        "/messages/2/nmae",
         "additionalProperties",
     ),
+    ("tool-calls-not-a-list", {"messages": [*HELLO, {"role": "assistant", "content": "", "tool_calls": {}}]},
+     "/messages/2/tool_calls", "type"),
+    ("tool-call-without-name", {"messages": [*HELLO, {"role": "assistant", "content": "",
+                                                      "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+     "/messages/2/tool_calls/0", "oneOf"),
+    ("tool-call-id-number", {"messages": [*HELLO, {"role": "tool", "content": "1", "tool_call_id": 7}]},
+     "/messages/2/tool_call_id", "type"),
     # numeric bounds, just outside
     ("temperature-below", prm(temperature=-0.01), "/temperature", "minimum"),
     ("temperature-above", prm(temperature=5.01), "/temperature", "maximum"),

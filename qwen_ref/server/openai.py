@@ -53,27 +53,16 @@ def _text_content(content: Any, path: str) -> str:
     raise bad_input(path, "expected a string or a list of {type: 'text', text} parts")
 
 
-def _call_block(call: Any, path: str) -> str:
-    """An assistant's earlier tool call as the text Qwen's template renders for it."""
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise bad_input(path, "expected {id, type: 'function', function: {name, arguments}}")
-    arguments = function.get("arguments", "{}")
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {arguments}}}\n</tool_call>'
-
-
 def chat_message(message: Any, path: str) -> dict[str, Any]:
+    """An OpenAI message as a Workers AI message: text parts joined, `developer` as `system`, an assistant's
+    tool calls and a tool message's call id and name kept for the chat template (request validation checks
+    their shapes)."""
     if not isinstance(message, dict):
         raise bad_input(path, "expected a message object {role, content}")
     role = "system" if message.get("role") == "developer" else message.get("role")
-    content = _text_content(message.get("content"), f"{path}/content")
-    calls = message.get("tool_calls") or []
-    if not isinstance(calls, list):
-        raise bad_input(f"{path}/tool_calls", "expected an array")
-    blocks = [_call_block(c, f"{path}/tool_calls/{i}") for i, c in enumerate(calls)]
-    return {"role": role, "content": "\n".join(([content] if content else []) + blocks)}
+    out: dict[str, Any] = {"role": role, "content": _text_content(message.get("content"), f"{path}/content")}
+    out.update((k, message[k]) for k in ("tool_calls", "tool_call_id", "name") if message.get(k) is not None)
+    return out
 
 
 def chat_tool(tool: Any) -> Any:

@@ -5,6 +5,8 @@ Every check runs before any compute, so a bad request never produces a partial r
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +68,8 @@ def prompt_text(qwen: Qwen, inputs: dict[str, Any], where: str = "") -> tuple[st
         raise _bad(where, "/tools" if "tools" in inputs else "/functions", "tools", str(e)) from None
     if "prompt" in inputs and inputs.get("raw"):
         return inputs["prompt"], tool_names(tools)
-    messages = inputs["messages"] if "messages" in inputs else [{"role": "user", "content": inputs["prompt"]}]
+    messages = ([_with_call_objects(m) for m in inputs["messages"]] if "messages" in inputs
+                else [{"role": "user", "content": inputs["prompt"]}])
     if tok.chat_template is None:
         raise _bad(where, "/", "chat_template", "the checkpoint has no chat template; send a prompt with raw: true")
     try:
@@ -75,6 +78,25 @@ def prompt_text(qwen: Qwen, inputs: dict[str, Any], where: str = "") -> tuple[st
     except ChatTemplateError as e:
         raise _bad(where, "/messages" if "messages" in inputs else "/prompt", "chat_template", str(e)) from None
     return text, tool_names(tools)
+
+
+def _with_call_objects(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant's earlier tool calls with their arguments as objects: OpenAI clients send the object's JSON
+    text, and the chat templates render the arguments with tojson (a string would be quoted twice)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    out = []
+    for call in calls:
+        fn = call.get("function", call)
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            with contextlib.suppress(ValueError):  # not JSON: the template shows the text as it was sent
+                args = json.loads(args)
+            fn = {**fn, "arguments": args}
+            call = {**call, "function": fn} if "function" in call else fn
+        out.append(call)
+    return {**message, "tool_calls": out}
 
 
 def prepare(qwen: Qwen, inputs: Any, where: str = "", *, strict: bool = False) -> Prepared:

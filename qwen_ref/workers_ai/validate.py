@@ -68,6 +68,23 @@ def _close(schema: dict[str, Any]) -> None:
     schema["additionalProperties"] = False
 
 
+_ARGUMENTS = {"type": ["object", "string"]}  # an object, or (OpenAI) the object's JSON text
+_CALL = {"type": "object", "properties": {"name": {"type": "string"}, "arguments": _ARGUMENTS},
+         "required": ["name"], "additionalProperties": False}
+# A tool conversation's history: an assistant's earlier calls (the service's {name, arguments}, or OpenAI's
+# {id, type, function: {name, arguments}}), and a tool message's call id and name.
+_TOOL_CONVERSATION = {
+    "tool_calls": {"type": "array", "items": {"type": "object", "oneOf": [
+        {**_CALL, "properties": {**_CALL["properties"], "id": {"type": "string"}}},
+        {"type": "object", "properties": {"id": {"type": "string"}, "type": {"const": "function"},
+                                          "function": _CALL}, "required": ["function"],
+         "additionalProperties": False},
+    ]}},
+    "tool_call_id": {"type": "string"},
+    "name": {"type": "string"},
+}
+
+
 def _strict_branch(branch: dict[str, Any]) -> dict[str, Any]:
     """One oneOf branch of the input schema with the rules generate() adds (see docs/requests.md)."""
     strict = copy.deepcopy(branch)
@@ -85,6 +102,7 @@ def _strict_branch(branch: dict[str, Any]) -> dict[str, Any]:
         messages["minItems"] = 1
         message = messages["items"]
         message["properties"]["role"]["enum"] = list(ROLES)
+        message["properties"].update(_TOOL_CONVERSATION)
         _close(message)
         _close(props["functions"]["items"])
         tool = props["tools"]["items"]
