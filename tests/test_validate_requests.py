@@ -6,7 +6,20 @@ import copy
 from typing import Any
 
 import pytest
-from validate_helpers import COUNTRY_SCHEMA, HELLO, PEP8, PIZZA, PLAIN_TOOL, WRAPPED_TOOL, chat
+from validate_helpers import (
+    COUNTRY_SCHEMA,
+    HELLO,
+    PEP8,
+    PIZZA,
+    PLAIN_TOOL,
+    WRAPPED_TOOL,
+    chat,
+    parameters,
+    plain_tool,
+    tool_request,
+    weather_property,
+    wrapped_tool,
+)
 
 from qwen_ref.workers_ai.validate import DEFAULTS, InvalidInput, validate_input, with_defaults
 
@@ -103,3 +116,30 @@ def test_with_defaults_fills_without_mutating() -> None:
     with pytest.raises(InvalidInput):
         with_defaults(["prompt"])  # type: ignore[arg-type]
 
+
+
+# What zod, pydantic, LangChain's @tool and openai.pydantic_function_tool write: any JSON Schema is accepted as a
+# tool's parameters (the service's published schema asks for more, but the clients do not send it)
+ANY_SCHEMA_TOOLS = [
+    plain_tool(description=...),
+    plain_tool(parameters=...),
+    plain_tool(parameters=parameters(type=...)),
+    plain_tool(parameters=parameters(properties=...)),
+    plain_tool(parameters=weather_property(description=...)),
+    plain_tool(parameters=weather_property(type=...)),
+    wrapped_tool(description=...),
+    wrapped_tool(parameters=...),
+    wrapped_tool(parameters=parameters(properties=...)),
+    wrapped_tool(parameters=weather_property(description=...)),
+    wrapped_tool(parameters={"type": "object", "properties": {"unit": {"anyOf": [{"type": "string"},
+                                                                                {"type": "null"}]}},
+                             "additionalProperties": False, "$schema": "http://json-schema.org/draft-07/schema#"}),
+    wrapped_tool(parameters={"type": "object", "properties": {"days": {"type": ["integer", "null"], "default": None}},
+                             "required": ["days"], "title": "Forecast"}),
+    wrapped_tool(parameters={"properties": {}, "type": "object"}),
+]
+
+
+@pytest.mark.parametrize("tool", ANY_SCHEMA_TOOLS)
+def test_tool_parameters_take_any_json_schema(tool):
+    validate_input(tool_request(tool))

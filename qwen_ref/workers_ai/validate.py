@@ -107,9 +107,13 @@ def _strict_branch(branch: dict[str, Any]) -> dict[str, Any]:
         _close(props["functions"]["items"])
         tool = props["tools"]["items"]
         plain, wrapped = tool.pop("oneOf")  # {name, description, parameters} or {type, function: {...}}
-        _close(plain)
+        for function in (plain, wrapped["properties"]["function"]):
+            # any JSON Schema as parameters (zod, pydantic, LangChain and OpenAI's helpers write anyOf, type
+            # lists, properties without descriptions, or none); checked against the meta-schema below
+            function["properties"]["parameters"] = {"type": "object"}
+            function["required"] = ["name"]
+            _close(function)
         _close(wrapped)
-        _close(wrapped["properties"]["function"])
         tool.update({"if": {"required": ["function"]}, "then": wrapped, "else": plain})
     _close(strict)
     return strict
@@ -291,6 +295,15 @@ def _response_format_problems(response_format: Any) -> Iterator[_Problem]:
         yield _Problem(path, "additionalProperties", "only allowed with type 'json_schema', not with 'json_object'")
 
 
+def _tool_parameters_problems(tools: Any) -> Iterator[_Problem]:
+    for i, tool in enumerate(tools if isinstance(tools, list) else []):
+        if not isinstance(tool, dict):
+            continue
+        function, path = (tool["function"], ("tools", i, "function")) if "function" in tool else (tool, ("tools", i))
+        if isinstance(function, dict) and isinstance(function.get("parameters"), dict):
+            yield from _json_schema_problems(function["parameters"], (*path, "parameters"))
+
+
 def _first(problems: list[_Problem]) -> InvalidInput | None:
     if not problems:
         return None
@@ -321,6 +334,7 @@ def validate_input(inputs: Any, *, strict: bool = True, ignored: list[str] | Non
     validator = _input_validators()[_branch(inputs)]
     problems = [p for e in validator.iter_errors(inputs) for p in _schema_problems(e)]
     problems.extend(_response_format_problems(inputs.get("response_format")))
+    problems.extend(_tool_parameters_problems(inputs.get("tools")))
     unknown = [] if strict else [p for p in problems if p.rule == "additionalProperties"]
     error = _first([p for p in problems if p not in unknown])
     if error is not None:
