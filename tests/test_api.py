@@ -185,6 +185,32 @@ def test_tool_call_end_to_end(qwen25):
     assert out["usage"]["completion_tokens"] == len(script)  # the eos token counts, as it does at the service
 
 
+@pytest.mark.parametrize(("text", "shown", "calls"), [
+    ('Let me check.\n<tool_call>\n{"name": "getWeather", "arguments": {"city": "London"}}\n</tool_call>',
+     "Let me check.\n", [{"name": "getWeather", "arguments": {"city": "London"}}]),
+    ('<tool_call>\n{"name": "getWeather", "arguments": {"city": "Oslo"}}\n</tool_call>\nThen I answer.',
+     "Then I answer.", [{"name": "getWeather", "arguments": {"city": "Oslo"}}]),
+    ("a < b, and <tool is not a call", "a < b, and <tool is not a call", []),
+    ("<tool_call>\nnot json\n</tool_call>", "<tool_call>\nnot json\n</tool_call>", []),
+])
+def test_a_stream_with_tools_never_shows_call_markup(qwen25, text, shown, calls):
+    """Text streams as it is generated; only a (possible) <tool_call> is held back; the final event has the calls."""
+    tools = [{"name": "getWeather", "description": "Get the weather",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    script = [*qwen25.tokenizer.encode(text), 151645]
+    scripted = qwen_ref.Qwen(Scripted(qwen25.model, script), qwen25.tokenizer, qwen25.config, qwen25.path,
+                             qwen25.generation_config)
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": tools, "max_tokens": 64, "stream": True}
+    events = [json.loads(p) for p in parse_sse(generate(scripted, body))[:-1]]
+    texts = [e["response"] for e in events[:-1]]
+    assert "".join(texts) == shown
+    if calls:
+        assert all("<tool_call>" not in t for t in texts)
+    assert events[-1].get("tool_calls", []) == calls
+    if calls and shown.startswith("Let me"):
+        assert texts[0].startswith("Let")  # the text before the call came out before the call was generated
+
+
 def test_context_window_names_both_numbers(qwen25):
     with pytest.raises(ContextWindowExceeded, match=r"maximum context length is 32768 tokens.*requested 32767 "
                                                      r"output tokens.*prompt contains \d+ input tokens"):

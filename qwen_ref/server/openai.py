@@ -160,25 +160,20 @@ def chunk(chat: Chat, delta: dict[str, Any], finish: str | None = None) -> bytes
 
 
 async def chat_events(chat: Chat, ticket: Ticket) -> AsyncIterator[bytes]:
-    """chat.completion.chunk events. With tools offered (or JSON mode), the text is held back to the end, where
-    it splits into content and tool calls; otherwise text goes out as it is decoded."""
+    """chat.completion.chunk events: text deltas as the text is decoded (with tools offered, tool-call markup is
+    held back, as on the native route), then the tool calls as tool_calls deltas, as OpenAI streams them."""
     output = ticket.response
-    hold = bool(output.prepared.tool_names) or output.prepared.constraint is not None
     yield chunk(chat, {"role": "assistant", "content": ""})
     try:
         async for event in ticket.events():
-            text = output.push(event)
+            text = output.shown(event)
             if isinstance(event, Failed):
                 raise event.error
-            if text and not hold:
+            if text:
                 yield chunk(chat, {"content": text})
         result = output.result()
-        if hold:
-            content = chat_content(output, result)
-            if content:
-                yield chunk(chat, {"content": content})
-            if result.get("tool_calls"):
-                yield chunk(chat, {"tool_calls": openai_tool_calls(result["tool_calls"], with_index=True)})
+        if result.get("tool_calls"):
+            yield chunk(chat, {"tool_calls": openai_tool_calls(result["tool_calls"], with_index=True)})
         yield chunk(chat, {}, output.finish_reason)
         if chat.include_usage:
             yield sse({"id": chat.id, "object": "chat.completion.chunk", "created": chat.created,

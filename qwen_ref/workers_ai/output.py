@@ -16,7 +16,7 @@ from qwen_ref.errors import JSON_MODE_NOT_MET, QwenRefError
 from qwen_ref.sampling import TokenLogprobs
 from qwen_ref.tokenizer import IncrementalDetokenizer, QwenTokenizer, detokenize
 from qwen_ref.workers_ai.request import Prepared
-from qwen_ref.workers_ai.tools import parse_tool_calls
+from qwen_ref.workers_ai.tools import TOOL_CALL_OPEN, parse_tool_calls
 
 PADDING = "abcdefghijklmnopqrstuvwxyz0123456789"
 DONE = b"data: [DONE]\n\n"
@@ -58,6 +58,9 @@ class Response:
         self.error: QwenRefError | None = None
         self._detok = IncrementalDetokenizer(tokenizer)
         self._pending: list[TokenLogprobs] = []  # logprobs of tokens whose text is not out yet
+        self._held = ""  # text held back from a stream with tools offered: a tool call, or a possible start of one
+        self._in_call = False
+        self._streamed = ""
 
     def push(self, event: Event) -> str:
         """Take one engine event; the text it completes (a partial UTF-8 character waits for its next bytes)."""
@@ -116,14 +119,50 @@ class Response:
     # ------------------------------------------------------------------------------------------ the stream
 
     def stream_events(self, event: Event) -> list[bytes]:
-        """The SSE bytes one engine event produces: a padded text event when text is complete, and after the
+        """The SSE bytes one engine event produces: a padded text event when text may be shown, and after the
         last event the final one (usage, tool calls or the JSON-mode failure, or the request's error) and
-        [DONE]."""
-        text = self.push(event)
+        [DONE]. With tools offered, tool-call markup is never shown as text: the final event carries the calls."""
+        text = self.shown(event)
         out = [sse(self._text_event(text))] if text else []
         if self.done:
             out += [sse(self.final_event()), DONE]
         return out
+
+    def shown(self, event: Event) -> str:
+        """push(event), with the text a stream may show: with tools offered, text from a `<tool_call>` on is held
+        back (and a possible start of one waits for its next characters); at the end, whatever held text is not
+        a tool call (the text after the calls, or markup that did not parse) comes out."""
+        text = self.push(event)
+        if self.prepared.tool_names:
+            text = self._outside_calls(text)
+            if self.done:
+                text += self._after_calls()
+        return text
+
+    def _outside_calls(self, text: str) -> str:
+        if self._in_call:
+            self._held += text
+            return ""
+        buffer = self._held + text
+        start = buffer.find(TOOL_CALL_OPEN)
+        if start >= 0:
+            self._in_call, out, self._held = True, buffer[:start], buffer[start:]
+        else:
+            keep = next((n for n in range(min(len(buffer), len(TOOL_CALL_OPEN) - 1), 0, -1)
+                         if TOOL_CALL_OPEN.startswith(buffer[-n:])), 0)
+            out, self._held = buffer[: len(buffer) - keep], buffer[len(buffer) - keep :]
+        self._streamed += out
+        return out
+
+    def _after_calls(self) -> str:
+        held, self._held = self._held, ""
+        if not self._in_call:
+            return held  # a partial '<tool_call' that never completed is plain text
+        content, calls = parse_tool_calls(self.text, self.prepared.tool_names)
+        if not calls:
+            return held  # markup that did not parse as a call is shown as it was generated
+        before = self._streamed.strip()
+        return content[len(before):] if content.startswith(before) else ""
 
     def _text_event(self, text: str) -> dict[str, Any]:
         e: dict[str, Any] = {"response": text, "p": padding()}
