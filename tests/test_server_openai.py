@@ -107,3 +107,26 @@ def test_openai_history_with_tool_calls_renders_as_qwen_does(qwen25):
     block = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
     assert text == expected and f"{block}\n{block}" in text
 
+
+
+def test_openai_stop_strings_and_seed_mapping(srv):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{srv.base}/v1", api_key=TOKEN, max_retries=0)
+    ask = {"model": QWEN15, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 24,
+           "seed": 5, "temperature": 1.0}
+    full = client.chat.completions.create(**ask).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3
+    cut = client.chat.completions.create(**ask, stop=[stop, "never appears"])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens < 24
+    streamed = client.chat.completions.create(**ask, stop=stop, stream=True)
+    parts, reasons = [], []
+    for c in streamed:
+        parts.append(c.choices[0].delta.content or "")
+        reasons.append(c.choices[0].finish_reason)
+    assert "".join(parts) == full[: full.index(stop)] and reasons[-1] == "stop"
+    # OpenAI allows any integer seed; 0 and negatives map into the service's 1..9999999999
+    assert client.chat.completions.create(**{**ask, "seed": 0}).choices[0].message.content
+    none_limit = client.chat.completions.create(**ask, max_completion_tokens=None)
+    assert none_limit.usage.completion_tokens <= 24  # a null max_completion_tokens leaves max_tokens in charge

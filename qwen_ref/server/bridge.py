@@ -51,7 +51,7 @@ def lookup(served: dict[str, Served], name: Any) -> Served:
 class Ticket:
     """The event loop's side of one request: its events in order, and cancel()."""
 
-    def __init__(self, served: Served, prepared: Prepared, settings: Settings):
+    def __init__(self, served: Served, prepared: Prepared, settings: Settings, stop: tuple[str, ...] = ()):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -62,8 +62,9 @@ class Ticket:
         if served.engine.stats()["queued"] >= settings.max_queue:
             raise OutOfCapacity("Capacity temporarily exceeded, please try again")
         self.deadline = time.monotonic() + settings.timeout_s
-        self.response = Response(served.qwen.tokenizer, prepared)
+        self.response = Response(served.qwen.tokenizer, prepared, stop)
         self.handle = served.engine.add(prepared.engine_request(served.qwen, self.deadline), sink)
+        self.response.cancel = self.handle.cancel  # a stop string ends the request in the engine
 
     def cancel(self) -> None:
         self.handle.cancel()
@@ -79,11 +80,11 @@ class Ticket:
                 yield Failed(RequestTimeout("Timeout: the request ran past the server's per-request timeout"))
                 return
             yield event
-            if isinstance(event, Finished | Failed):
+            if isinstance(event, Finished | Failed) or self.response.done:  # done: e.g. at a stop string
                 return
 
 
-async def start(served: Served, body: Any, settings: Settings) -> Ticket:
+async def start(served: Served, body: Any, settings: Settings, stop: tuple[str, ...] = ()) -> Ticket:
     """Validate, template and tokenize off the event loop, then queue the request."""
     options = body.get("options") if isinstance(body, dict) else None
     if isinstance(options, dict) and options.get("rejectIfBusy") is True and served.engine.stats()["queued"]:
@@ -91,7 +92,7 @@ async def start(served: Served, body: Any, settings: Settings) -> Ticket:
     prepared = await run_in_threadpool(lambda: prepare(served.qwen, body, strict=settings.strict))
     if prepared.ignored:
         log.info("ignored unknown request keys: %s", ", ".join(prepared.ignored))
-    return Ticket(served, prepared, settings)
+    return Ticket(served, prepared, settings, stop)
 
 
 async def collect(ticket: Ticket) -> Response:

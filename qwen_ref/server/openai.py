@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from qwen_ref.engine import Failed
 from qwen_ref.errors import QwenRefError
-from qwen_ref.sampling import SAMPLING_FIELDS
+from qwen_ref.sampling import SAMPLING_FIELDS, sample_seed
 from qwen_ref.server.bridge import Served, Ticket, collect, lookup, start, unless_disconnected
 from qwen_ref.server.http import bad_input, check_auth, error_response, openai_error_body, read_json
 from qwen_ref.server.native import event_stream
@@ -27,11 +27,12 @@ from qwen_ref.workers_ai.output import Response as Output
 # OpenAI request keys that change nothing here, and keys whose non-default values the engine cannot honour
 CHAT_IGNORED = ("user", "metadata", "store", "parallel_tool_calls", "service_tier", "options")
 CHAT_SAMPLING = tuple(f for f in SAMPLING_FIELDS if f != "max_tokens")
-CHAT_UNSUPPORTED = {"n": (None, 1), "stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0),
+CHAT_UNSUPPORTED = {"n": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
                     "logit_bias": (None, {}), "functions": (None,), "function_call": (None,),
                     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
 CHAT_KEYS = frozenset(("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "tools",
-                       "tool_choice", "response_format", *CHAT_SAMPLING, *CHAT_IGNORED, *CHAT_UNSUPPORTED))
+                       "tool_choice", "response_format", "stop", *CHAT_SAMPLING, *CHAT_IGNORED, *CHAT_UNSUPPORTED))
+MAX_STOP = 4  # OpenAI's limit on stop strings
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Chat:
     body: dict[str, Any]  # the Workers AI request it maps to
     stream: bool
     include_usage: bool
+    stop: tuple[str, ...] = ()
     id: str = field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -105,10 +107,14 @@ def chat_request(chat: Any) -> Chat:
     if not isinstance(messages, list):
         raise bad_input("/messages", "required: an array of messages")
     body: dict[str, Any] = {"messages": [chat_message(m, f"/messages/{i}") for i, m in enumerate(messages)]}
-    max_tokens = chat.get("max_completion_tokens", chat.get("max_tokens"))
+    max_tokens = chat.get("max_completion_tokens")
+    if max_tokens is None:  # OpenAI's newer name wins; a null one leaves max_tokens in charge
+        max_tokens = chat.get("max_tokens")
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     body.update((k, chat[k]) for k in CHAT_SAMPLING if chat.get(k) is not None)
+    if isinstance(body.get("seed"), int) and not isinstance(body["seed"], bool):
+        body["seed"] = sample_seed(body["seed"], 0)  # OpenAI takes any integer: mapped into 1..SEED_MAX
     tools = _tools(chat)
     if tools:
         body["tools"] = tools
@@ -119,7 +125,17 @@ def chat_request(chat: Any) -> Chat:
     options = chat.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise bad_input("/stream", "stream must be a boolean and stream_options an object")
-    return Chat(chat["model"], body, stream, bool(options.get("include_usage")))
+    return Chat(chat["model"], body, stream, bool(options.get("include_usage")), _stop(chat.get("stop")))
+
+
+def _stop(stop: Any) -> tuple[str, ...]:
+    """OpenAI's stop: a string or up to 4 strings, matched on the decoded text; the match is not returned."""
+    if stop is None or stop == "":
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops) or len(stops) > MAX_STOP:
+        raise bad_input("/stop", f"expected a string or a list of at most {MAX_STOP} strings, got {stop!r:.80}")
+    return tuple(x for x in stops if x)
 
 
 def openai_tool_calls(calls: Iterable[dict[str, Any]], with_index: bool = False) -> list[dict[str, Any]]:
@@ -189,7 +205,7 @@ async def chat_completions(request: Request, served: dict[str, Served], settings
     try:
         check_auth(request, settings.api_token)
         chat = chat_request(await read_json(request, settings))
-        ticket = await start(lookup(served, chat.model), chat.body, settings)
+        ticket = await start(lookup(served, chat.model), chat.body, settings, chat.stop)
     except QwenRefError as e:
         return error_response(request.url.path, e)
     if chat.stream:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from qwen_ref.engine import Event, Failed, Finished, Token
@@ -48,10 +49,23 @@ def logprob_records(tokenizer: QwenTokenizer, infos: list[TokenLogprobs]) -> lis
              "top_sampling_logprobs": alternatives(info.final_top)} for info in infos]
 
 
+def _partial_stop(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of text that is the start of a stop string (it may still become one)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])),
+               default=0)
+
+
 class Response:
-    def __init__(self, tokenizer: QwenTokenizer, prepared: Prepared):
+    def __init__(self, tokenizer: QwenTokenizer, prepared: Prepared, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.prepared = prepared
+        # stop strings (OpenAI's `stop`): matched on the decoded text; the match and what follows are not returned,
+        # and the request is stopped in the engine through `cancel`, which whoever runs the request sets
+        self.stop = tuple(s for s in stop if s)
+        self.cancel: Callable[[], None] = lambda: None
+        self._text = ""  # the decoded text so far
+        self._given = 0  # how much of it push() has handed out
+        self._cut: int | None = None  # where the first stop string starts in it
         self.tokens: list[int] = []
         self.infos: list[TokenLogprobs] = []
         self.reason: str | None = None  # "stop" or "length" once finished
@@ -63,19 +77,38 @@ class Response:
         self._streamed = ""
 
     def push(self, event: Event) -> str:
-        """Take one engine event; the text it completes (a partial UTF-8 character waits for its next bytes)."""
+        """Take one engine event; the text it completes (a partial UTF-8 character, or a possible start of a stop
+        string, waits for its next characters)."""
+        if self.done:
+            return ""  # stopped at a stop string: whatever the engine still sends is not part of the answer
         if isinstance(event, Token):
             self.tokens.append(event.token)
             if event.logprobs is not None:
                 self.infos.append(event.logprobs)
                 self._pending.append(event.logprobs)
-            return self._detok.push(event.token)
+            return self._release(self._detok.push(event.token), final=False)
         if isinstance(event, Finished):
-            self.reason = event.reason
-            return self._detok.flush()
+            text = self._release(self._detok.flush(), final=True)
+            self.reason = self.reason or event.reason
+            return text
         assert isinstance(event, Failed)
         self.error = event.error
         return ""
+
+    def _release(self, text: str, final: bool) -> str:
+        self._text += text
+        if not self.stop:
+            self._given = len(self._text)
+            return text
+        found = [i for i in (self._text.find(s, max(0, self._given - len(s) + 1)) for s in self.stop) if i >= 0]
+        if found:
+            self._cut, self.reason = min(found), "stop"
+            self.cancel()
+            end = self._cut
+        else:  # a suffix that may be the start of a stop string waits, unless nothing more comes
+            end = len(self._text) if final else len(self._text) - _partial_stop(self._text, self.stop)
+        out, self._given = self._text[self._given : max(end, self._given)], max(end, self._given)
+        return out
 
     @property
     def done(self) -> bool:
@@ -83,8 +116,9 @@ class Response:
 
     @property
     def text(self) -> str:
-        """The generated text as decoded (tool-call blocks still in it; JSON mode: the JSON text)."""
-        return detokenize(self.tokenizer, self.tokens)
+        """The generated text as decoded, up to a stop string (tool-call blocks still in it; JSON mode: the JSON
+        text)."""
+        return detokenize(self.tokenizer, self.tokens)[: self._cut]
 
     def tool_calls(self) -> list[dict[str, Any]]:
         if self.prepared.constraint is not None:
