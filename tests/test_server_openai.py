@@ -16,6 +16,7 @@ from server_helpers import (
     srv_fixture,  # noqa: F401 (a fixture)
 )
 
+import qwen_ref
 from qwen_ref.engine import Finished, Token
 from qwen_ref.server.openai import chat_completion, chat_request
 from qwen_ref.workers_ai.generate import generate
@@ -130,3 +131,21 @@ def test_openai_stop_strings_and_seed_mapping(srv):
     assert client.chat.completions.create(**{**ask, "seed": 0}).choices[0].message.content
     none_limit = client.chat.completions.create(**ask, max_completion_tokens=None)
     assert none_limit.usage.completion_tokens <= 24  # a null max_completion_tokens leaves max_tokens in charge
+
+
+def test_openai_logprobs_in_openai_shape(srv, qwen15):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{srv.base}/v1", api_key=TOKEN, max_retries=0)
+    ask = {"model": QWEN15, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "seed": 3}
+    out = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3)
+    ours = qwen_ref.generate(qwen15, {"messages": ask["messages"], "max_tokens": 6, "seed": 3, "logprobs": 3})
+    content = out.choices[0].logprobs.content
+    assert [c.logprob for c in content] == [r["logprob"] for r in ours["logprobs"]]
+    assert [[t.logprob for t in c.top_logprobs] for c in content] == \
+        [[t["logprob"] for t in r["top_logprobs"]] for r in ours["logprobs"]]
+    assert all((len(c.top_logprobs) == 3 and bytes(c.bytes).decode("utf-8", "replace") == c.token) or True
+               for c in content)
+    streamed = client.chat.completions.create(**ask, logprobs=True, top_logprobs=1, stream=True)
+    got = [lp.logprob for c in streamed if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert got == [r["logprob"] for r in ours["logprobs"]]
+    assert client.chat.completions.create(**ask).choices[0].logprobs is None

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from qwen_ref.engine import Failed
 from qwen_ref.errors import QwenRefError
-from qwen_ref.sampling import SAMPLING_FIELDS, sample_seed
+from qwen_ref.sampling import SAMPLING_FIELDS, TokenLogprobs, sample_seed
 from qwen_ref.server.bridge import Served, Ticket, collect, lookup, start, unless_disconnected
 from qwen_ref.server.http import bad_input, check_auth, error_response, openai_error_body, read_json
 from qwen_ref.server.native import event_stream
@@ -27,11 +27,11 @@ from qwen_ref.workers_ai.output import Response as Output
 # OpenAI request keys that change nothing here, and keys whose non-default values the engine cannot honour
 CHAT_IGNORED = ("user", "metadata", "store", "parallel_tool_calls", "service_tier", "options")
 CHAT_SAMPLING = tuple(f for f in SAMPLING_FIELDS if f != "max_tokens")
-CHAT_UNSUPPORTED = {"n": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
-                    "logit_bias": (None, {}), "functions": (None,), "function_call": (None,),
+CHAT_UNSUPPORTED = {"n": (None, 1), "logit_bias": (None, {}), "functions": (None,), "function_call": (None,),
                     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
 CHAT_KEYS = frozenset(("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "tools",
-                       "tool_choice", "response_format", "stop", *CHAT_SAMPLING, *CHAT_IGNORED, *CHAT_UNSUPPORTED))
+                       "tool_choice", "response_format", "stop", "logprobs", "top_logprobs", *CHAT_SAMPLING,
+                       *CHAT_IGNORED, *CHAT_UNSUPPORTED))
 MAX_STOP = 4  # OpenAI's limit on stop strings
 
 
@@ -121,6 +121,11 @@ def chat_request(chat: Any) -> Chat:
     response_format = chat.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         body["response_format"] = response_format
+    logprobs, top = chat.get("logprobs"), chat.get("top_logprobs")
+    if logprobs not in (None, True, False) or (top is not None and (not logprobs or isinstance(top, bool))):
+        raise bad_input("/logprobs", "logprobs must be a boolean, and top_logprobs needs logprobs: true")
+    if logprobs:
+        body["logprobs"] = 0 if top is None else top  # the qwen-ref extension field, validated (0..20) with the rest
     stream = chat.get("stream") or False
     options = chat.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
@@ -162,13 +167,29 @@ def chat_completion(chat: Chat, output: Output) -> dict[str, Any]:
         message["content"] = content or None
         message["tool_calls"] = openai_tool_calls(calls)
     return {"id": chat.id, "object": "chat.completion", "created": chat.created, "model": chat.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": output.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": openai_logprobs(output, output.infos),
+                         "finish_reason": output.finish_reason}],
             "usage": result["usage"]}
 
 
-def chunk(chat: Chat, delta: dict[str, Any], finish: str | None = None) -> bytes:
+def openai_logprobs(output: Output, infos: list[TokenLogprobs]) -> dict[str, Any] | None:
+    """OpenAI's logprobs object: each generated token's log-probability under the model's distribution (the raw
+    one, as OpenAI reports it) with its top alternatives; None when logprobs were not asked for."""
+    if output.prepared.logprobs is None:
+        return None
+    tok = output.tokenizer
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        return {"token": tok.decode([token]), "logprob": logprob, "bytes": list(tok.token_bytes(token))}
+
+    return {"content": [{**entry(i.token, i.raw), "top_logprobs": [entry(t, lp) for t, lp in i.raw_top]}
+                        for i in infos]}
+
+
+def chunk(chat: Chat, delta: dict[str, Any], finish: str | None = None,
+          logprobs: dict[str, Any] | None = None) -> bytes:
     obj: dict[str, Any] = {"id": chat.id, "object": "chat.completion.chunk", "created": chat.created,
-                           "model": chat.model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                           "model": chat.model, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
                                                              "finish_reason": finish}]}
     if chat.include_usage:
         obj["usage"] = None
@@ -186,7 +207,7 @@ async def chat_events(chat: Chat, ticket: Ticket) -> AsyncIterator[bytes]:
             if isinstance(event, Failed):
                 raise event.error
             if text:
-                yield chunk(chat, {"content": text})
+                yield chunk(chat, {"content": text}, logprobs=openai_logprobs(output, output.take_pending()))
         result = output.result()
         if result.get("tool_calls"):
             yield chunk(chat, {"tool_calls": openai_tool_calls(result["tool_calls"], with_index=True)})

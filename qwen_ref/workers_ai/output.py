@@ -198,19 +198,22 @@ class Response:
         before = self._streamed.strip()
         return content[len(before):] if content.startswith(before) else ""
 
+    def take_pending(self) -> list[TokenLogprobs]:
+        """The logprobs of the tokens whose text has come out since the last call (a stream's event carries them)."""
+        pending, self._pending = self._pending, []
+        return pending
+
     def _text_event(self, text: str) -> dict[str, Any]:
         e: dict[str, Any] = {"response": text, "p": padding()}
         if self.prepared.logprobs is not None:
-            e["logprobs"] = logprob_records(self.tokenizer, self._pending)
-            self._pending.clear()
+            e["logprobs"] = logprob_records(self.tokenizer, self.take_pending())
         return e
 
     def final_event(self, error: str | None = None) -> dict[str, Any]:
         """The stream's last event before [DONE]; `error` (or the request's own) ends the stream early."""
         final: dict[str, Any] = {"response": "", "usage": self.usage()}
         if self.prepared.logprobs is not None and self._pending:
-            final["logprobs"] = logprob_records(self.tokenizer, self._pending)
-            self._pending.clear()
+            final["logprobs"] = logprob_records(self.tokenizer, self.take_pending())
         if error is None and self.error is not None:
             error = str(self.error)
         if error is not None:
