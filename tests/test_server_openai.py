@@ -80,7 +80,7 @@ def test_openai_tool_calls_are_in_openai_shape(qwen25):
     for token in qwen25.tokenizer.encode(text):
         output.push(Token(token))
     output.push(Finished("stop"))
-    done = chat_completion(chat, output)
+    done = chat_completion(chat, [output])
     choice = done["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     call = choice["message"]["tool_calls"][0]
@@ -149,3 +149,22 @@ def test_openai_logprobs_in_openai_shape(srv, qwen15):
     got = [lp.logprob for c in streamed if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
     assert got == [r["logprob"] for r in ours["logprobs"]]
     assert client.chat.completions.create(**ask).choices[0].logprobs is None
+
+
+def test_openai_n_samples_share_the_prefill_and_equal_generate(srv, qwen15):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{srv.base}/v1", api_key=TOKEN, max_retries=0)
+    ask = {"model": QWEN15, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "seed": 7,
+           "temperature": 1.2}
+    out = client.chat.completions.create(**ask, n=3)
+    alone = [qwen_ref.generate(qwen15, {"messages": ask["messages"], "max_tokens": 8, "seed": s,
+                                        "temperature": 1.2}) for s in (7, 8, 9)]
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.message.content for c in out.choices] == [a["response"] for a in alone]
+    assert out.usage.completion_tokens == sum(a["usage"]["completion_tokens"] for a in alone)
+    assert out.usage.prompt_tokens == alone[0]["usage"]["prompt_tokens"]
+    texts = {0: "", 1: "", 2: ""}
+    for c in client.chat.completions.create(**ask, n=3, stream=True):
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert [texts[i] for i in range(3)] == [a["response"] for a in alone]

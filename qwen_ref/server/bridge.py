@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,12 +19,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from qwen_ref import known_models
-from qwen_ref.engine import Engine, Event, Failed, Finished
+from qwen_ref.engine import Engine, Event, Failed
 from qwen_ref.errors import ClientClosed, NoSuchModel, OutOfCapacity, RequestTimeout
 from qwen_ref.qwen import Qwen
 from qwen_ref.server.settings import Settings
 from qwen_ref.workers_ai.output import Response
-from qwen_ref.workers_ai.request import Prepared, prepare
+from qwen_ref.workers_ai.request import Prepared, samples
 
 log = logging.getLogger("qwen_ref.server")
 DEADLINE_GRACE_S = 5.0  # the engine enforces the deadline; the event loop waits this much longer as a net
@@ -49,56 +49,70 @@ def lookup(served: dict[str, Served], name: Any) -> Served:
 
 
 class Ticket:
-    """The event loop's side of one request: its events in order, and cancel()."""
+    """The event loop's side of one request, or of n samples of one request (they share its prefill): their
+    engine events in order, as (sample index, event), and cancel()."""
 
-    def __init__(self, served: Served, prepared: Prepared, settings: Settings, stop: tuple[str, ...] = ()):
+    def __init__(self, served: Served, prepared: Sequence[Prepared], settings: Settings,
+                 stop: tuple[str, ...] = ()):
         loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-        def sink(event: Event) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
-                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        def sink(index: int) -> Callable[[Event], None]:
+            def put(event: Event) -> None:
+                with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            return put
 
         if served.engine.stats()["queued"] >= settings.max_queue:
             raise OutOfCapacity("Capacity temporarily exceeded, please try again")
         self.deadline = time.monotonic() + settings.timeout_s
-        self.response = Response(served.qwen.tokenizer, prepared, stop)
-        self.handle = served.engine.add(prepared.engine_request(served.qwen, self.deadline), sink)
-        self.response.cancel = self.handle.cancel  # a stop string ends the request in the engine
+        self.responses = [Response(served.qwen.tokenizer, p, stop) for p in prepared]
+        requests = [(p.engine_request(served.qwen, self.deadline), sink(i)) for i, p in enumerate(prepared)]
+        first = served.engine.add(*requests[0], requests[1:])
+        self.handles = [first, *first.followers]
+        for response, handle in zip(self.responses, self.handles):
+            response.cancel = handle.cancel  # a stop string ends that sample in the engine
+
+    @property
+    def response(self) -> Response:
+        return self.responses[0]
 
     def cancel(self) -> None:
-        self.handle.cancel()
+        for handle in self.handles:
+            handle.cancel()
 
-    async def events(self) -> AsyncIterator[Event]:
-        """The request's engine events, up to and including its Finished or Failed."""
-        while True:
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(sample index, engine event) until every sample has finished (or failed)."""
+        while not all(r.done for r in self.responses):
             left = self.deadline - time.monotonic() + DEADLINE_GRACE_S
             try:
-                event = await asyncio.wait_for(self.queue.get(), max(left, 0.05))
+                index, event = await asyncio.wait_for(self.queue.get(), max(left, 0.05))
             except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
                 self.cancel()
-                yield Failed(RequestTimeout("Timeout: the request ran past the server's per-request timeout"))
+                for i, r in enumerate(self.responses):
+                    if not r.done:
+                        yield i, Failed(RequestTimeout("Timeout: the request ran past the server's per-request "
+                                                       "timeout"))
                 return
-            yield event
-            if isinstance(event, Finished | Failed) or self.response.done:  # done: e.g. at a stop string
-                return
+            if not self.responses[index].done:  # after a stop string, the engine may still send a token
+                yield index, event
 
 
-async def start(served: Served, body: Any, settings: Settings, stop: tuple[str, ...] = ()) -> Ticket:
-    """Validate, template and tokenize off the event loop, then queue the request."""
+async def start(served: Served, body: Any, settings: Settings, stop: tuple[str, ...] = (), n: int = 1) -> Ticket:
+    """Validate, template and tokenize off the event loop, then queue the request (n samples: seed + i)."""
     options = body.get("options") if isinstance(body, dict) else None
     if isinstance(options, dict) and options.get("rejectIfBusy") is True and served.engine.stats()["queued"]:
         raise OutOfCapacity("Capacity temporarily exceeded, please try again")  # the service's rejectIfBusy
-    prepared = await run_in_threadpool(lambda: prepare(served.qwen, body, strict=settings.strict))
-    if prepared.ignored:
-        log.info("ignored unknown request keys: %s", ", ".join(prepared.ignored))
+    prepared = await run_in_threadpool(lambda: samples(served.qwen, body, n, strict=settings.strict))
+    if prepared[0].ignored:
+        log.info("ignored unknown request keys: %s", ", ".join(prepared[0].ignored))
     return Ticket(served, prepared, settings, stop)
 
 
 async def collect(ticket: Ticket) -> Response:
-    """Every event of a non-stream request; the Response has finished (or failed)."""
-    async for event in ticket.events():
-        ticket.response.push(event)
+    """Every event of a non-stream request (all its samples); the first sample's Response."""
+    async for index, event in ticket.events():
+        ticket.responses[index].push(event)
     return ticket.response
 
 

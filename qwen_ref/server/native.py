@@ -49,7 +49,7 @@ async def run_model(request: Request, served: dict[str, Served], settings: Setti
 async def native_events(ticket: Ticket) -> AsyncIterator[bytes]:
     """generate()'s stream, event for event: the same Response shapes both."""
     try:
-        async for event in ticket.events():
+        async for _, event in ticket.events():
             for chunk in ticket.response.stream_events(event):
                 yield chunk
     except Exception as e:  # shaping failed (a bug): the stream still ends as the service's do

@@ -23,14 +23,15 @@ from qwen_ref.server.native import event_stream
 from qwen_ref.server.settings import Settings
 from qwen_ref.workers_ai.output import DONE, sse
 from qwen_ref.workers_ai.output import Response as Output
+from qwen_ref.workers_ai.request import MAX_SAMPLES
 
 # OpenAI request keys that change nothing here, and keys whose non-default values the engine cannot honour
 CHAT_IGNORED = ("user", "metadata", "store", "parallel_tool_calls", "service_tier", "options")
 CHAT_SAMPLING = tuple(f for f in SAMPLING_FIELDS if f != "max_tokens")
-CHAT_UNSUPPORTED = {"n": (None, 1), "logit_bias": (None, {}), "functions": (None,), "function_call": (None,),
+CHAT_UNSUPPORTED = {"logit_bias": (None, {}), "functions": (None,), "function_call": (None,),
                     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
 CHAT_KEYS = frozenset(("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "tools",
-                       "tool_choice", "response_format", "stop", "logprobs", "top_logprobs", *CHAT_SAMPLING,
+                       "tool_choice", "response_format", "stop", "logprobs", "top_logprobs", "n", *CHAT_SAMPLING,
                        *CHAT_IGNORED, *CHAT_UNSUPPORTED))
 MAX_STOP = 4  # OpenAI's limit on stop strings
 
@@ -42,6 +43,7 @@ class Chat:
     stream: bool
     include_usage: bool
     stop: tuple[str, ...] = ()
+    n: int = 1
     id: str = field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -130,7 +132,11 @@ def chat_request(chat: Any) -> Chat:
     options = chat.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise bad_input("/stream", "stream must be a boolean and stream_options an object")
-    return Chat(chat["model"], body, stream, bool(options.get("include_usage")), _stop(chat.get("stop")))
+    n = chat.get("n")
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+        raise bad_input("/n", f"expected an integer from 1 to {MAX_SAMPLES}, got {n!r:.40}")
+    return Chat(chat["model"], body, stream, bool(options.get("include_usage")), _stop(chat.get("stop")), n)
 
 
 def _stop(stop: Any) -> tuple[str, ...]:
@@ -158,7 +164,8 @@ def chat_content(output: Output, result: dict[str, Any]) -> str:
     return result["response"]
 
 
-def chat_completion(chat: Chat, output: Output) -> dict[str, Any]:
+def chat_choice(index: int, output: Output) -> tuple[dict[str, Any], dict[str, int]]:
+    """One choice of a chat.completion, and its usage."""
     result = output.result()
     content = chat_content(output, result)
     message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -166,10 +173,20 @@ def chat_completion(chat: Chat, output: Output) -> dict[str, Any]:
     if calls:
         message["content"] = content or None
         message["tool_calls"] = openai_tool_calls(calls)
+    return ({"index": index, "message": message, "logprobs": openai_logprobs(output, output.infos),
+             "finish_reason": output.finish_reason}, result["usage"])
+
+
+def total_usage(usages: list[dict[str, int]]) -> dict[str, int]:
+    """n samples share one prompt: its tokens count once, the completions add up."""
+    prompt, completion = usages[0]["prompt_tokens"], sum(u["completion_tokens"] for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_completion(chat: Chat, outputs: list[Output]) -> dict[str, Any]:
+    choices, usages = zip(*(chat_choice(i, output) for i, output in enumerate(outputs)))
     return {"id": chat.id, "object": "chat.completion", "created": chat.created, "model": chat.model,
-            "choices": [{"index": 0, "message": message, "logprobs": openai_logprobs(output, output.infos),
-                         "finish_reason": output.finish_reason}],
-            "usage": result["usage"]}
+            "choices": list(choices), "usage": total_usage(list(usages))}
 
 
 def openai_logprobs(output: Output, infos: list[TokenLogprobs]) -> dict[str, Any] | None:
@@ -187,9 +204,9 @@ def openai_logprobs(output: Output, infos: list[TokenLogprobs]) -> dict[str, Any
 
 
 def chunk(chat: Chat, delta: dict[str, Any], finish: str | None = None,
-          logprobs: dict[str, Any] | None = None) -> bytes:
+          logprobs: dict[str, Any] | None = None, index: int = 0) -> bytes:
     obj: dict[str, Any] = {"id": chat.id, "object": "chat.completion.chunk", "created": chat.created,
-                           "model": chat.model, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                           "model": chat.model, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                                              "finish_reason": finish}]}
     if chat.include_usage:
         obj["usage"] = None
@@ -198,23 +215,28 @@ def chunk(chat: Chat, delta: dict[str, Any], finish: str | None = None,
 
 async def chat_events(chat: Chat, ticket: Ticket) -> AsyncIterator[bytes]:
     """chat.completion.chunk events: text deltas as the text is decoded (with tools offered, tool-call markup is
-    held back, as on the native route), then the tool calls as tool_calls deltas, as OpenAI streams them."""
-    output = ticket.response
-    yield chunk(chat, {"role": "assistant", "content": ""})
+    held back, as on the native route), then each choice's tool calls as tool_calls deltas and its finish, as
+    OpenAI streams them; with n > 1 the choices' chunks interleave, each with its index."""
+    for i in range(len(ticket.responses)):
+        yield chunk(chat, {"role": "assistant", "content": ""}, index=i)
     try:
-        async for event in ticket.events():
+        async for i, event in ticket.events():
+            output = ticket.responses[i]
             text = output.shown(event)
             if isinstance(event, Failed):
                 raise event.error
             if text:
-                yield chunk(chat, {"content": text}, logprobs=openai_logprobs(output, output.take_pending()))
-        result = output.result()
-        if result.get("tool_calls"):
-            yield chunk(chat, {"tool_calls": openai_tool_calls(result["tool_calls"], with_index=True)})
-        yield chunk(chat, {}, output.finish_reason)
+                yield chunk(chat, {"content": text}, logprobs=openai_logprobs(output, output.take_pending()), index=i)
+            if output.done:
+                result = output.result()
+                if result.get("tool_calls"):
+                    yield chunk(chat, {"tool_calls": openai_tool_calls(result["tool_calls"], with_index=True)},
+                                index=i)
+                yield chunk(chat, {}, output.finish_reason, index=i)
         if chat.include_usage:
+            usage = total_usage([r.usage() for r in ticket.responses])
             yield sse({"id": chat.id, "object": "chat.completion.chunk", "created": chat.created,
-                       "model": chat.model, "choices": [], "usage": result["usage"]})
+                       "model": chat.model, "choices": [], "usage": usage})
     except QwenRefError as e:
         yield sse(openai_error_body(e))
     finally:
@@ -226,13 +248,13 @@ async def chat_completions(request: Request, served: dict[str, Served], settings
     try:
         check_auth(request, settings.api_token)
         chat = chat_request(await read_json(request, settings))
-        ticket = await start(lookup(served, chat.model), chat.body, settings, chat.stop)
+        ticket = await start(lookup(served, chat.model), chat.body, settings, chat.stop, chat.n)
     except QwenRefError as e:
         return error_response(request.url.path, e)
     if chat.stream:
         return event_stream(chat_events(chat, ticket))
     try:
-        output = await unless_disconnected(request, ticket, collect(ticket))
-        return JSONResponse(chat_completion(chat, output))
+        await unless_disconnected(request, ticket, collect(ticket))
+        return JSONResponse(chat_completion(chat, ticket.responses))
     except QwenRefError as e:
         return error_response(request.url.path, e)
