@@ -152,6 +152,14 @@ class JsonConstraint:
         schema, path = json_schema_of(response_format)
         check_schema(schema, path)
         grammar = compile_grammar(schema, path, whitespace)
+        return cls.from_grammar(grammar, tokenizer, vocab_size, eos_ids=eos_ids, path=path, schema=schema)
+
+    @classmethod
+    def from_grammar(cls, grammar: str, tokenizer: QwenTokenizer, vocab_size: int, *,
+                     eos_ids: Sequence[int] | None = None, path: str = "/",
+                     schema: dict[str, Any] | bool = True) -> JsonConstraint:
+        """A constraint from an llguidance grammar (llguidance.grammar_from output, or Lark text with %json items,
+        as the tool-call grammar of tool_choice 'required' is); InvalidJsonSchema at `path` if it cannot compile."""
         vocab = _vocab(tokenizer, vocab_size, eos_ids)
         llg = load_llguidance()
         matcher = llg.LLMatcher(vocab.ll, grammar, log_level=0)  # compiles the grammar: about 1 ms

@@ -126,6 +126,13 @@ def compile_grammar(schema: dict[str, Any] | bool, path: str, whitespace: Whites
         raise InvalidJsonSchema(path, f"JSON mode cannot use this schema: {e}") from None
 
 
+def lark_json(schema: dict[str, Any], whitespace: Whitespace = "bounded") -> str:
+    """A `%json {...}` item for an llguidance Lark grammar: the schema with the same whitespace and escape rules
+    as JSON mode (llguidance reads them from the schema's top-level "x-guidance")."""
+    plain = {k: v for k, v in schema.items() if k != "x-guidance"}
+    return "%json " + json.dumps({**plain, "x-guidance": {**_WHITESPACE[whitespace], **_ESCAPES}}, ensure_ascii=False)
+
+
 def _show(value: Any, limit: int = 60) -> str:
     try:
         text = json.dumps(value, ensure_ascii=False)

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from qwen_ref.engine import Engine
 from qwen_ref.errors import EngineError, MethodNotAllowed, NoRoute, QwenRefError
 from qwen_ref.qwen import Qwen, load
+from qwen_ref.scripted import Rule, scripted
 from qwen_ref.server.bridge import Served, as_named, lookup
 from qwen_ref.server.http import check_auth, error_response
 from qwen_ref.server.native import run_model
@@ -37,10 +38,12 @@ def parse_alias(text: str) -> tuple[str, str]:
 
 
 def load_models(sources: Sequence[str] = (), aliases: Sequence[str] = (),
-                load_options: Mapping[str, Any] | None = None, **engine_options: Any) -> dict[str, Served]:
+                load_options: Mapping[str, Any] | None = None, script: Sequence[Rule] | None = None,
+                **engine_options: Any) -> dict[str, Served]:
     """Load each source once; serve it under its Workers AI id (when loaded by one) or its source text, and
     under every NAME of a NAME=SOURCE alias. Names of one checkpoint share its engine. engine_options go to
-    qwen_ref.engine.Engine (exact, prefill_chunk, max_running, kv_memory)."""
+    qwen_ref.engine.Engine (exact, prefill_chunk, max_running, kv_memory). script: the models write these
+    rules' replies (qwen_ref.scripted, for testing clients)."""
     wanted = [(None, s) for s in sources] + [parse_alias(a) for a in aliases]
     if not wanted:
         raise QwenRefError("serve: give at least one SOURCE or --name NAME=SOURCE")
@@ -49,6 +52,8 @@ def load_models(sources: Sequence[str] = (), aliases: Sequence[str] = (),
     for name, source in wanted:
         if source not in loaded:
             qwen = load(source, **(load_options or {}))
+            if script is not None:
+                qwen = scripted(qwen, list(script))
             loaded[source] = (qwen, Engine(qwen.model, **engine_options))
         qwen, engine = loaded[source]
         name = name or (qwen.known.workers_ai_id if qwen.known is not None else source)

@@ -12,6 +12,7 @@ import torch
 
 from qwen_ref.engine import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_RATIO
 from qwen_ref.errors import QwenRefError
+from qwen_ref.scripted import load_script
 from qwen_ref.server.settings import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY,
@@ -59,6 +60,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="refuse request keys the Workers AI schema does not know, naming them (default: ignore "
                              "them, as the service does, and list them in the X-Qwen-Ref-Ignored-Keys header)")
+    parser.add_argument("--script", default=None, metavar="FILE",
+                        help="for testing clients: the models write chosen replies, from a JSON list of "
+                             "{\"when\": TEXT, \"reply\": TEXT} rules matched on the prompt (qwen_ref/scripted.py)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -83,7 +87,8 @@ def run_server(args: argparse.Namespace, load_options: Mapping[str, Any]) -> int
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kv_memory = None if args.kv_memory is None else int(args.kv_memory * 2**30)
-    served = load_models(args.sources, args.name, load_options, exact=args.batching == "exact",
+    script = None if args.script is None else load_script(args.script)
+    served = load_models(args.sources, args.name, load_options, script, exact=args.batching == "exact",
                          max_running=args.max_batch, prefill_chunk=args.prefill_chunk,
                          prefill_ratio=args.prefill_ratio, kv_memory=kv_memory)
     app = create_app(served, Settings(token, args.max_body_bytes, args.timeout, args.max_queue, args.strict))

@@ -87,11 +87,8 @@ def _check_chat_keys(chat: dict[str, Any]) -> None:
 
 
 def _tools(chat: dict[str, Any]) -> list[Any] | None:
-    choice = chat.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise bad_input("/tool_choice", f"{choice!r} is not supported; use 'auto' or 'none'")
     tools = chat.get("tools")
-    if not tools or choice == "none":
+    if not tools:
         return None
     if not isinstance(tools, list):
         raise bad_input("/tools", "expected an array")
@@ -120,6 +117,8 @@ def chat_request(chat: Any) -> Chat:
     tools = _tools(chat)
     if tools:
         body["tools"] = tools
+    if chat.get("tool_choice") is not None:
+        body["tool_choice"] = chat["tool_choice"]  # validated with the rest; "required" and named are enforced
     response_format = chat.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         body["response_format"] = response_format
@@ -159,7 +158,7 @@ def openai_tool_calls(calls: Iterable[dict[str, Any]], with_index: bool = False)
 
 
 def chat_content(output: Output, result: dict[str, Any]) -> str:
-    if output.prepared.constraint is not None or not isinstance(result["response"], str):
+    if output.prepared.json_mode or not isinstance(result["response"], str):
         return output.text  # JSON mode: the JSON text as generated
     return result["response"]
 

@@ -121,7 +121,7 @@ class Response:
         return detokenize(self.tokenizer, self.tokens)[: self._cut]
 
     def tool_calls(self) -> list[dict[str, Any]]:
-        if self.prepared.constraint is not None:
+        if self.prepared.json_mode:
             return []
         return parse_tool_calls(self.text, self.prepared.tool_names or None)[1]
 
@@ -137,7 +137,7 @@ class Response:
         if self.error is not None:
             raise self.error
         out: dict[str, Any] = {}
-        if self.prepared.constraint is not None:
+        if self.prepared.json_mode:
             self.prepared.constraint.require_complete()
             out["response"] = self.prepared.constraint.result(self.text)
         else:
@@ -218,7 +218,7 @@ class Response:
             error = str(self.error)
         if error is not None:
             final["error"] = error
-        elif self.prepared.constraint is not None:
+        elif self.prepared.json_mode:
             if not self.prepared.constraint.is_complete():
                 final["error"] = JSON_MODE_NOT_MET
         elif calls := self.tool_calls():

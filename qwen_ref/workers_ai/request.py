@@ -17,7 +17,14 @@ from qwen_ref.qwen import Qwen
 from qwen_ref.sampling import SAMPLING_FIELDS, RequestState, SamplingParams
 from qwen_ref.sampling.json_mask import InvalidJsonSchema, JsonConstraint
 from qwen_ref.workers_ai.chat import ChatTemplateError, render_chat, template_special_tokens
-from qwen_ref.workers_ai.tools import ToolSpecError, check_functions, normalize_tools, tool_names
+from qwen_ref.workers_ai.tools import (
+    ToolSpecError,
+    check_functions,
+    forced_tools,
+    normalize_tools,
+    tool_call_grammar,
+    tool_names,
+)
 from qwen_ref.workers_ai.validate import validate_input, with_defaults
 
 MAX_SAMPLES = 1024
@@ -41,6 +48,12 @@ class Prepared:
         return bool(self.inputs.get("stream"))
 
     @property
+    def json_mode(self) -> bool:
+        """response_format asks for JSON: the result's response is the parsed value (a tool-call grammar from
+        tool_choice is a constraint too, but its output is read as tool calls)."""
+        return self.inputs.get("response_format") is not None
+
+    @property
     def logprobs(self) -> int | None:
         return self.inputs.get("logprobs")
 
@@ -58,14 +71,20 @@ def _bad(where: str, path: str, rule: str, detail: str) -> InvalidInput:
     return InvalidInput(where + path if path != "/" or not where else where, rule, detail)
 
 
-def prompt_text(qwen: Qwen, inputs: dict[str, Any], where: str = "") -> tuple[str, set[str]]:
-    """The text the model reads, and the names of the offered tools."""
-    tok = qwen.tokenizer
+def offered_tools(inputs: dict[str, Any], where: str = "") -> list[dict[str, Any]]:
+    """The request's tools, normalized; none with tool_choice 'none' (the model is not shown them)."""
     try:
         check_functions(inputs.get("functions"))
         tools = normalize_tools(inputs.get("tools"))
     except ToolSpecError as e:
         raise _bad(where, "/tools" if "tools" in inputs else "/functions", "tools", str(e)) from None
+    return [] if inputs.get("tool_choice") == "none" else tools
+
+
+def prompt_text(qwen: Qwen, inputs: dict[str, Any], where: str = "") -> tuple[str, set[str]]:
+    """The text the model reads, and the names of the offered tools."""
+    tok = qwen.tokenizer
+    tools = offered_tools(inputs, where)
     if "prompt" in inputs and inputs.get("raw"):
         return inputs["prompt"], tool_names(tools)
     messages = ([_with_call_objects(m) for m in inputs["messages"]] if "messages" in inputs
@@ -126,16 +145,33 @@ def prepare(qwen: Qwen, inputs: Any, where: str = "", *, strict: bool = False) -
         params = SamplingParams.from_dict({k: body[k] for k in SAMPLING_FIELDS if k in body})
     except InvalidSamplingParams as e:
         raise _bad(where, f"/{str(e).split(':', 1)[0]}", "range", str(e)) from None
-    constraint = None
-    if body.get("response_format") is not None:
-        try:
-            constraint = JsonConstraint.from_response_format(body["response_format"], qwen.tokenizer,
-                                                             qwen.config.vocab_size, eos_ids=qwen.eos_token_ids)
-        except InvalidJsonSchema as e:
-            raise _bad(where, "/response_format" + e.path.removeprefix("/response_format"), "json_schema",
-                       e.detail) from None
+    constraint = _constraint(qwen, body, where)
     return Prepared(body, prompt_ids, RequestState.start(params, prompt_ids), max_tokens, constraint, names,
                     adapter, [where + path for path in ignored])
+
+
+def _constraint(qwen: Qwen, body: dict[str, Any], where: str) -> JsonConstraint | None:
+    """Stage 0 of the sampler: JSON mode's grammar, or the tool-call grammar a forcing tool_choice asks for."""
+    try:
+        forced = forced_tools(offered_tools(body, where), body.get("tool_choice"))
+    except ToolSpecError as e:
+        path = "/tool_choice/function/name" if isinstance(body.get("tool_choice"), dict) else "/tool_choice"
+        raise _bad(where, path, "tool_choice", str(e)) from None
+    if forced is not None and body.get("response_format") is not None:
+        raise _bad(where, "/tool_choice", "tool_choice", f"{json.dumps(body['tool_choice'])} forces a tool call, "
+                   "so it cannot be combined with response_format")
+    try:
+        if forced is not None:
+            return JsonConstraint.from_grammar(tool_call_grammar(forced, many=body["tool_choice"] == "required"),
+                                               qwen.tokenizer, qwen.config.vocab_size, eos_ids=qwen.eos_token_ids,
+                                               path="/tools")
+        if body.get("response_format") is not None:
+            return JsonConstraint.from_response_format(body["response_format"], qwen.tokenizer,
+                                                       qwen.config.vocab_size, eos_ids=qwen.eos_token_ids)
+    except InvalidJsonSchema as e:
+        path = e.path if e.path == "/tools" else "/response_format" + e.path.removeprefix("/response_format")
+        raise _bad(where, path, "json_schema", e.detail) from None
+    return None
 
 
 def _adapter(qwen: Qwen, name: str | None, where: str) -> Any:

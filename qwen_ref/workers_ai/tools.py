@@ -7,6 +7,9 @@ Rules (docs/chat_and_tools.md has examples):
   when tools were offered and no such block parsed, fenced ```json blocks or a bare JSON object naming an
   offered tool. A block that does not parse stays in the text; the others still count.
 - `check_functions` validates `functions` (embedded function calling); they are accepted and ignored.
+- `tool_choice`: "auto" (the default) lets the model choose, "none" hides the tools, "required" and a named
+  function (`{"type": "function", "function": {"name"}}`) are enforced by `tool_call_grammar`: the output is
+  tool-call blocks in Qwen's format whose JSON validates against the called tool's parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qwen_ref.errors import QwenRefError
+from qwen_ref.sampling.json_schema import lark_json
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -84,6 +88,44 @@ def normalize_tools(tools: Any) -> list[dict[str, Any]]:
         entry.update((k, copy.deepcopy(v)) for k, v in tool.items() if k not in ("type", "function"))
         normalized.append(entry)
     return normalized
+
+
+def forced_tools(tools: list[dict[str, Any]], choice: Any) -> list[dict[str, Any]] | None:
+    """The normalized tools a tool_choice forces a call to (None: the model chooses, or no tools are shown);
+    ToolSpecError when the choice names no offered tool or there are none to call."""
+    if choice in (None, "auto", "none"):
+        return None
+    if not tools:
+        raise ToolSpecError(f"{json.dumps(choice)} needs tools; the request offers none")
+    if choice == "required":
+        return tools
+    name = choice["function"]["name"]
+    named = [t for t in tools if t["function"]["name"] == name]
+    if not named:
+        offered = ", ".join(sorted(tool_names(tools)))
+        raise ToolSpecError(f"{json.dumps(name, ensure_ascii=False)[:80]} is not an offered tool; offered: {offered}")
+    return named[:1]
+
+
+def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
+    """What Qwen writes inside <tool_call>: {"name": <this tool>, "arguments": <its parameters>}, with the
+    parameters' $defs / definitions moved to the root, where their "#/$defs/..." references point."""
+    params = dict(function.get("parameters") or {})
+    defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
+    params.pop("$schema", None)
+    if "type" not in params:
+        params["type"] = "object"
+    return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": params},
+            "required": ["name", "arguments"], "additionalProperties": False, **defs}
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], many: bool) -> str:
+    """An llguidance Lark grammar for the output: one tool-call block (many=True: one or more, a newline apart,
+    as Qwen's template joins them), each `<tool_call>\\n{json}\\n</tool_call>` calling one of `tools`."""
+    rules = [f"call_{i}: {lark_json(_call_schema(t['function']))}" for i, t in enumerate(tools)]
+    alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
+    start = 'start: block ("\\n" block)*' if many else "start: block"
+    return "\n".join([start, f'block: "{TOOL_CALL_OPEN}\\n" ({alternatives}) "\\n{TOOL_CALL_CLOSE}"', *rules])
 
 
 def tool_names(tools: list[dict[str, Any]]) -> set[str]:

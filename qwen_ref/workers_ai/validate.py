@@ -85,6 +85,15 @@ _TOOL_CONVERSATION = {
 }
 
 
+# "auto" (the default), "none" (the tools are not shown), "required" (one or more calls) or one named function
+TOOL_CHOICE = {"oneOf": [
+    {"enum": ["auto", "none", "required"]},
+    {"type": "object", "properties": {"type": {"const": "function"}, "function": {
+        "type": "object", "properties": {"name": {"type": "string", "minLength": 1}}, "required": ["name"],
+        "additionalProperties": False}}, "required": ["function"], "additionalProperties": False},
+]}
+
+
 def _strict_branch(branch: dict[str, Any]) -> dict[str, Any]:
     """One oneOf branch of the input schema with the rules generate() adds (see docs/requests.md)."""
     strict = copy.deepcopy(branch)
@@ -115,6 +124,7 @@ def _strict_branch(branch: dict[str, Any]) -> dict[str, Any]:
             _close(function)
         _close(wrapped)
         tool.update({"if": {"required": ["function"]}, "then": wrapped, "else": plain})
+        props["tool_choice"] = TOOL_CHOICE  # OpenAI's field; the service's own schema has none
     _close(strict)
     return strict
 
