@@ -22,6 +22,7 @@ from server_helpers import (  # noqa: E402
 
 RUN = "/client/v4/accounts/acct/ai/run/" + QWEN15
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JSON_TYPE = {"Content-Type": "application/json"}
 GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -30,6 +31,10 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 def _chat(**kw: Any) -> bytes:
     body = {"model": QWEN15, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **kw}
     return json.dumps(body).encode()
+
+
+def _completion(**kw: Any) -> bytes:
+    return json.dumps({"model": QWEN15, "prompt": "hi", "max_tokens": 2, **kw}).encode()
 
 
 def _body(obj: Any) -> bytes:
@@ -97,6 +102,25 @@ BAD_REQUESTS = [
     ("chat-image-part", "POST", CHAT, AUTH,
      _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, 5006),
     ("chat-bad-json", "POST", CHAT, AUTH, b"{model", 400, 5006),
+    ("chat-tool-choice-unknown-tool", "POST", CHAT, AUTH,
+     _chat(tools=[{"type": "function", "function": {"name": "f"}}],
+           tool_choice={"type": "function", "function": {"name": "g"}}), 400, 5006),
+    ("completion-no-prompt", "POST", COMPLETIONS, AUTH, _body({"model": QWEN15}), 400, 5006),
+    ("completion-empty-prompt-list", "POST", COMPLETIONS, AUTH, _completion(prompt=[]), 400, 5006),
+    ("completion-empty-ids", "POST", COMPLETIONS, AUTH, _completion(prompt=[[]]), 400, 5006),
+    ("completion-mixed-list", "POST", COMPLETIONS, AUTH, _completion(prompt=["a", 3]), 400, 5006),
+    ("completion-id-out-of-vocab", "POST", COMPLETIONS, AUTH, _completion(prompt=[1, 10**7]), 400, 5006),
+    ("completion-negative-id", "POST", COMPLETIONS, AUTH, _completion(prompt=[-1]), 400, 5006),
+    ("completion-logprobs-21", "POST", COMPLETIONS, AUTH, _completion(logprobs=21), 400, 5006),
+    ("completion-logprobs-true", "POST", COMPLETIONS, AUTH, _completion(logprobs=True), 400, 5006),
+    ("completion-max-tokens-negative", "POST", COMPLETIONS, AUTH, _completion(max_tokens=-1), 400, 5006),
+    ("completion-echo-string", "POST", COMPLETIONS, AUTH, _completion(echo="yes"), 400, 5006),
+    ("completion-suffix", "POST", COMPLETIONS, AUTH, _completion(suffix="end"), 400, 5006),
+    ("completion-best-of", "POST", COMPLETIONS, AUTH, _completion(best_of=3), 400, 5006),
+    ("completion-too-many-samples", "POST", COMPLETIONS, AUTH, _completion(prompt=["a"] * 4, n=300), 400, 5006),
+    ("completion-unknown-arg", "POST", COMPLETIONS, AUTH, _completion(wibble=1), 400, 5006),
+    ("completion-unknown-model", "POST", COMPLETIONS, AUTH, _completion(model="davinci-002"), 400, 5007),
+    ("completion-no-token", "POST", COMPLETIONS, JSON_TYPE, _completion(), 401, 10000),
 ]
 
 
@@ -107,7 +131,7 @@ def test_bad_request(srv, case):
     r = httpx.request(method, srv.base + path, headers=headers, content=content, timeout=60)
     assert r.status_code == status, r.text
     answer = r.json()
-    if path == CHAT:
+    if path in (CHAT, COMPLETIONS):
         assert answer["error"]["code"] == code and answer["error"]["message"]
     else:
         # as the service's: result {} once the request reached the model (its input), null before (auth, body)

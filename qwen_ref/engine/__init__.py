@@ -4,7 +4,7 @@ exact / invariant / fast decode choice. generate(), the CLI and the server all r
 from qwen_ref.engine.engine import DEFAULT_MAX_RUNNING, DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_RATIO, Engine
 from qwen_ref.engine.ids import generate_ids
 from qwen_ref.engine.runner import DECODE_MODES, decode_mode
-from qwen_ref.engine.sequence import EngineRequest, Event, Failed, Finished, Sequence, Token
+from qwen_ref.engine.sequence import EngineRequest, Event, Failed, Finished, Prompt, Sequence, Token
 
 __all__ = [
     "DECODE_MODES",
@@ -16,6 +16,7 @@ __all__ = [
     "Event",
     "Failed",
     "Finished",
+    "Prompt",
     "Sequence",
     "Token",
     "decode_mode",

@@ -23,7 +23,7 @@ import torch
 from qwen_ref.engine.runner import Runner, decode_mode
 from qwen_ref.engine.sampling_step import sample_rows
 from qwen_ref.engine.scheduler import Scheduler, default_kv_memory
-from qwen_ref.engine.sequence import EngineRequest, Failed, Finished, Sequence, Sink, Status, Token
+from qwen_ref.engine.sequence import EngineRequest, Failed, Finished, Prompt, Sequence, Sink, Status, Token
 from qwen_ref.errors import ConfigError, EngineError, InvalidInput, QwenRefError, RequestTimeout
 from qwen_ref.models.qwen2 import QwenForCausalLM
 
@@ -157,13 +157,20 @@ class Engine:
             return
         if logits is None:
             return
+        group = [seq, *(f for f in seq.followers if f.status is Status.FOLLOW)]
+        if seq.request.prompt_logprobs is not None:
+            for s in group:
+                s.sink(Prompt(tuple(seq.prompt_infos)))
+        if seq.request.max_tokens == 0:  # only the prompt was asked for (its logprobs)
+            for s in group:
+                self._finish(s, "length")
+            return
         seq.logits, seq.status = logits, Status.DECODE
         ready.append(seq)
-        for follower in seq.followers:  # n samples: each starts from a copy of the prompt's cache
-            if follower.status is Status.FOLLOW:
-                follower.cache, follower.logits = seq.cache.clone(), logits
-                follower.prefilled, follower.status = seq.prefilled, Status.DECODE
-                ready.append(follower)
+        for follower in group[1:]:  # n samples: each starts from a copy of the prompt's cache
+            follower.cache, follower.logits = seq.cache.clone(), logits
+            follower.prefilled, follower.status = seq.prefilled, Status.DECODE
+            ready.append(follower)
 
     def _sample(self, ready: list[Sequence]) -> None:
         if not ready:

@@ -25,6 +25,7 @@ from qwen_ref.engine.sequence import Sequence
 from qwen_ref.errors import EngineError, QwenRefError
 from qwen_ref.models.kv_cache import KVCache, RowCaches
 from qwen_ref.models.qwen2 import QwenForCausalLM
+from qwen_ref.sampling import forced_logprobs
 
 DECODE_MODES = ("exact", "invariant", "fast")
 MIN_CAPACITY = 64  # positions a new cache starts with; it doubles as it fills, never past the request's maximum
@@ -71,10 +72,19 @@ class Runner:
         if not self.model.run_layers(p, layers):
             return None
         seq.prefill_pass = None
-        seq.prefilled += p.x.shape[1]
+        start, n = seq.prefilled, p.x.shape[1]
+        seq.prefilled += n
         last = seq.remaining_prompt == 0
-        out = self.model.end(p, last_only=True, compute_logits=last)
-        return out[0, 0] if last else None
+        if seq.request.prompt_logprobs is None:
+            out = self.model.end(p, last_only=True, compute_logits=last)
+            return out[0, 0] if last else None
+        # scoring the prompt: every position's logits, from the chunk's own lm_head product (as `qwen-ref score`
+        # computes them); the next token's logits are still the last-only product a request without it uses
+        hidden = self.model.final_hidden(p)
+        targets = seq.request.prompt_ids[start + 1 : start + n + 1]  # the token each position predicts
+        rows = self.model.logits(p, hidden)[0, : len(targets)]  # [n, V] -> [targets, V]
+        seq.prompt_infos += forced_logprobs(rows, targets, seq.request.prompt_logprobs)
+        return self.model.logits(p, hidden, last_only=True)[0, 0] if last else None
 
     @torch.inference_mode()
     def decode(self, seqs: Seq[Sequence]) -> list[torch.Tensor | QwenRefError]:

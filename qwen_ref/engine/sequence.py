@@ -1,7 +1,8 @@
 """One request inside the engine: what it asks for, where it is, and the events it produces.
 
-A request's events go to its sink in order: Token per generated token, then exactly one of Finished (stop or
-length; the stop token itself is the last Token) or Failed (its own typed error; no other request is touched).
+A request's events go to its sink in order: Prompt (only with prompt_logprobs), Token per generated token, then
+exactly one of Finished (stop or length; the stop token itself is the last Token) or Failed (its own typed error;
+no other request is touched).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from qwen_ref.errors import QwenRefError
 from qwen_ref.models.kv_cache import KVCache
-from qwen_ref.sampling import RequestState, TokenLogprobs
+from qwen_ref.sampling import ForcedLogprobs, RequestState, TokenLogprobs
 
 
 @dataclass
@@ -31,12 +32,21 @@ class EngineRequest:
     adapter: Any = None  # qwen_ref.lora.LoraAdapter, applied unmerged to this request's rows
     logprobs: int | None = None  # alternatives to report per token (the logprobs extension)
     deadline: float | None = None  # time.monotonic() after which the request fails with RequestTimeout
+    prompt_logprobs: int | None = None  # alternatives per prompt token: the prompt is scored (echo with logprobs)
 
 
 @dataclass(frozen=True)
 class Token:
     token: int
     logprobs: TokenLogprobs | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """With prompt_logprobs: each prompt token after the first, scored by the logits before it; sent once the
+    prompt is in the cache, before the first Token."""
+
+    logprobs: tuple[ForcedLogprobs, ...]
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,7 @@ class Failed:
     error: QwenRefError
 
 
-Event = Token | Finished | Failed
+Event = Prompt | Token | Finished | Failed
 Sink = Callable[[Event], None]
 
 
@@ -70,6 +80,7 @@ class Sequence:
     cache: KVCache | None = None
     prefilled: int = 0  # prompt tokens in the cache
     prefill_pass: Any = None  # qwen_ref.models.qwen2.Pass: the chunk whose layers are being run, a few per step
+    prompt_infos: list[ForcedLogprobs] = field(default_factory=list)  # with prompt_logprobs, chunk by chunk
     logits: torch.Tensor | None = None  # [V]: the next token's logits, ready to sample
     next_token: int | None = None  # sampled, not yet fed to the model
     produced: int = 0

@@ -195,12 +195,19 @@ class QwenForCausalLM(nn.Module):
 
     def end(self, p: Pass, last_only: bool = False, compute_logits: bool = True) -> torch.Tensor | None:
         """The final norm and lm_head of a pass whose layers have all run; the cache advances here."""
-        assert p.done == len(self.model.layers), "end() before every layer ran"
+        hidden = self.final_hidden(p)
+        return self.logits(p, hidden, last_only) if compute_logits else None
+
+    def final_hidden(self, p: Pass) -> torch.Tensor:
+        """The final norm of a pass whose layers have all run, [B, T, hidden]; the cache advances here."""
+        assert p.done == len(self.model.layers), "final_hidden() before every layer ran"
         hidden = self.model.norm(p.x, p.fwd)  # [B, T, hidden]
         if p.fwd.cache is not None:
             p.fwd.cache.advance(p.num_new)
-        if not compute_logits:
-            return None
+        return hidden
+
+    def logits(self, p: Pass, hidden: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """lm_head over the final hidden states [B, T, hidden] (last_only: each row's last real token)."""
         if last_only:
             B = hidden.shape[0]
             last = (p.num_new - 1).clamp(min=0)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qwen_ref.engine import DEFAULT_PREFILL_CHUNK
 from qwen_ref.errors import InvalidSamplingParams, QwenRefError
 from qwen_ref.models.kv_cache import KVCache
 from qwen_ref.oracle.files import ScoreInputError, finite_or_none
@@ -24,7 +25,7 @@ from qwen_ref.qwen import Qwen
 from qwen_ref.sampling import SamplingParams, distribution
 from qwen_ref.workers_ai.request import prompt_text
 
-CHUNK = 64  # tokens per forward when teacher-forcing: bounds the logits held at once to CHUNK x vocab
+CHUNK = DEFAULT_PREFILL_CHUNK  # tokens per forward when teacher-forcing, as the engine's prefill chunks a prompt
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -38,16 +39,20 @@ def check_ready(qwen: Qwen) -> None:
 
 @torch.inference_mode()
 def next_token_logits(qwen: Qwen, ids: Sequence[int], first: int, chunk: int = CHUNK) -> Iterator[Tensor]:
-    """The logits [V] that predict ids[i], for i = first .. len(ids) - 1: the prefix is prefilled once, then the
-    rest goes through the KV cache `chunk` tokens per forward (bounding the logits held at once)."""
+    """The logits [V] that predict ids[i], for i = first .. len(ids) - 1. The whole sequence goes through the KV
+    cache `chunk` tokens per forward, at multiples of `chunk`, with every position's logits from the chunk's own
+    lm_head product: the chunks, and so the numbers, of the engine's prefill with prompt logprobs (a server's
+    echo + logprobs) when `chunk` is its prefill_chunk. Chunks before `first` only fill the cache."""
     if not 1 <= first < len(ids):
         return
     device = qwen.device
     cache = KVCache(qwen.model.config, 1, len(ids), dtype=qwen.dtype, device=device)
-    yield qwen.model(torch.tensor([list(ids[:first])], device=device), cache=cache, last_only=True)[0, 0]
-    for start in range(first, len(ids) - 1, chunk):
-        piece = list(ids[start:min(start + chunk, len(ids) - 1)])
-        yield from qwen.model(torch.tensor([piece], device=device), cache=cache)[0]
+    for start in range(0, len(ids), chunk):
+        piece = list(ids[start : start + chunk])
+        needed = start + len(piece) > first - 1  # a position of this chunk predicts ids[first] or later
+        rows = qwen.model(torch.tensor([piece], device=device), cache=cache, compute_logits=needed)
+        if needed:
+            yield from rows[0, max(first - 1 - start, 0) : len(ids) - 1 - start]
 
 
 def raw_logprobs(logits: Tensor) -> Tensor:

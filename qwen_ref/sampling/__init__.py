@@ -22,7 +22,7 @@ from qwen_ref.sampling.penalties import (
     repetition_penalty,
 )
 from qwen_ref.sampling.rng import SEED_MAX, SEED_MIN, sample_seed
-from qwen_ref.sampling.sampler import RequestState, TokenLogprobs, draw, sample
+from qwen_ref.sampling.sampler import ForcedLogprobs, RequestState, TokenLogprobs, draw, forced_logprobs, sample
 from qwen_ref.sampling.stages import (
     NEG_INF,
     SamplingError,
@@ -40,6 +40,7 @@ __all__ = [
     "SEED_MAX",
     "SEED_MIN",
     "Candidate",
+    "ForcedLogprobs",
     "History",
     "PenaltyState",
     "RequestState",
@@ -52,6 +53,7 @@ __all__ = [
     "argmax_tokens",
     "distribution",
     "draw",
+    "forced_logprobs",
     "format_trace",
     "frequency_presence_penalty",
     "mask_disallowed",

@@ -49,6 +49,23 @@ class TokenLogprobs:
     final_top: tuple[tuple[int, float], ...]
 
 
+@dataclass(frozen=True)
+class ForcedLogprobs:
+    """A given token's log-probability under the raw distribution, with the n best alternatives (ties: lower id):
+    teacher forcing, as for a prompt's tokens, where there is no sampling distribution."""
+
+    token: int
+    raw: float
+    raw_top: tuple[tuple[int, float], ...]
+
+
+def forced_logprobs(logits: Tensor, tokens: Sequence[int], n: int) -> list[ForcedLogprobs]:
+    """Row t of logits [T, V] scored against tokens[t], with the same numbers as a sampled token's `raw`."""
+    raw = torch.log_softmax(logits.to(torch.float64), dim=-1)  # float64 keeps the digits of small logprobs
+    chosen = raw.gather(1, torch.tensor(list(tokens), device=raw.device)[:, None])[:, 0].tolist()  # [T, 1] -> [T]
+    return [ForcedLogprobs(t, lp, top) for t, lp, top in zip(tokens, chosen, _raw_top(raw, n), strict=True)]
+
+
 def sample(logits: Tensor, rows: Sequence[RequestState], *, allowed: Tensor | None = None,
            logprobs: int | None = None) -> tuple[Tensor, list[TokenLogprobs] | None]:
     """One decode step: a token per row of `logits` [B, V], drawn with rows[b]'s parameters, history, seed and

@@ -24,6 +24,7 @@ from qwen_ref.errors import EngineError, MethodNotAllowed, NoRoute, QwenRefError
 from qwen_ref.qwen import Qwen, load
 from qwen_ref.scripted import Rule, scripted
 from qwen_ref.server.bridge import Served, as_named, lookup
+from qwen_ref.server.completions import completions
 from qwen_ref.server.http import check_auth, error_response
 from qwen_ref.server.native import run_model
 from qwen_ref.server.openai import chat_completions
@@ -79,6 +80,9 @@ def create_app(served: Mapping[str, Served], settings: Settings | None = None) -
     async def chat(request: Request) -> Response:
         return await chat_completions(request, served, settings)
 
+    async def complete(request: Request) -> Response:
+        return await completions(request, served, settings)
+
     async def list_models(request: Request) -> Response:
         try:
             check_auth(request, settings.api_token)
@@ -121,6 +125,8 @@ def create_app(served: Mapping[str, Served], settings: Settings | None = None) -
         Route(run, native, methods=["POST"]),
         Route("/client/v4/accounts/{account_id}" + chat_path, chat, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/client/v4/accounts/{account_id}/ai/v1/completions", complete, methods=["POST"]),
+        Route("/v1/completions", complete, methods=["POST"]),
         Route("/client/v4/accounts/{account_id}/ai/v1/models", list_models, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/client/v4/accounts/{account_id}/ai/v1/models/{model:path}", get_model, methods=["GET"]),

@@ -103,7 +103,13 @@ async def start(served: Served, body: Any, settings: Settings, stop: tuple[str, 
     options = body.get("options") if isinstance(body, dict) else None
     if isinstance(options, dict) and options.get("rejectIfBusy") is True and served.engine.stats()["queued"]:
         raise OutOfCapacity("Capacity temporarily exceeded, please try again")  # the service's rejectIfBusy
-    prepared = await run_in_threadpool(lambda: samples(served.qwen, body, n, strict=settings.strict))
+    return await start_prepared(served, lambda: samples(served.qwen, body, n, strict=settings.strict), settings, stop)
+
+
+async def start_prepared(served: Served, make: Callable[[], list[Prepared]], settings: Settings,
+                         stop: tuple[str, ...] = ()) -> Ticket:
+    """Queue the requests make() prepares (n samples of one prompt), preparing them off the event loop."""
+    prepared = await run_in_threadpool(make)
     if prepared[0].ignored:
         log.info("ignored unknown request keys: %s", ", ".join(prepared[0].ignored))
     return Ticket(served, prepared, settings, stop)

@@ -111,9 +111,7 @@ def chat_request(chat: Any) -> Chat:
         max_tokens = chat.get("max_tokens")
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    body.update((k, chat[k]) for k in CHAT_SAMPLING if chat.get(k) is not None)
-    if isinstance(body.get("seed"), int) and not isinstance(body["seed"], bool):
-        body["seed"] = sample_seed(body["seed"], 0)  # OpenAI takes any integer: mapped into 1..SEED_MAX
+    body.update(sampling_fields(chat))
     tools = _tools(chat)
     if tools:
         body["tools"] = tools
@@ -131,14 +129,27 @@ def chat_request(chat: Any) -> Chat:
     options = chat.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise bad_input("/stream", "stream must be a boolean and stream_options an object")
-    n = chat.get("n")
+    return Chat(chat["model"], body, stream, bool(options.get("include_usage")), stop_strings(chat.get("stop")),
+                samples_n(chat))
+
+
+def sampling_fields(request: dict[str, Any]) -> dict[str, Any]:
+    """The sampling fields an OpenAI request sets, as Workers AI fields (validated with the rest)."""
+    out = {k: request[k] for k in CHAT_SAMPLING if request.get(k) is not None}
+    if isinstance(out.get("seed"), int) and not isinstance(out["seed"], bool):
+        out["seed"] = sample_seed(out["seed"], 0)  # OpenAI takes any integer: mapped into 1..SEED_MAX
+    return out
+
+
+def samples_n(request: dict[str, Any], most: int = MAX_SAMPLES) -> int:
+    n = request.get("n")
     n = 1 if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
-        raise bad_input("/n", f"expected an integer from 1 to {MAX_SAMPLES}, got {n!r:.40}")
-    return Chat(chat["model"], body, stream, bool(options.get("include_usage")), _stop(chat.get("stop")), n)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        raise bad_input("/n", f"expected an integer from 1 to {most}, got {n!r:.40}")
+    return n
 
 
-def _stop(stop: Any) -> tuple[str, ...]:
+def stop_strings(stop: Any) -> tuple[str, ...]:
     """OpenAI's stop: a string or up to 4 strings, matched on the decoded text; the match is not returned."""
     if stop is None or stop == "":
         return ()

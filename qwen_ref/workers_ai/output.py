@@ -12,9 +12,9 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qwen_ref.engine import Event, Failed, Finished, Token
+from qwen_ref.engine import Event, Failed, Finished, Prompt, Token
 from qwen_ref.errors import JSON_MODE_NOT_MET, QwenRefError
-from qwen_ref.sampling import TokenLogprobs
+from qwen_ref.sampling import ForcedLogprobs, TokenLogprobs
 from qwen_ref.tokenizer import IncrementalDetokenizer, QwenTokenizer, detokenize
 from qwen_ref.workers_ai.request import Prepared
 from qwen_ref.workers_ai.tools import TOOL_CALL_OPEN, parse_tool_calls
@@ -68,6 +68,7 @@ class Response:
         self._cut: int | None = None  # where the first stop string starts in it
         self.tokens: list[int] = []
         self.infos: list[TokenLogprobs] = []
+        self.prompt_infos: list[ForcedLogprobs] = []  # the prompt's tokens after the first, with prompt_logprobs
         self.reason: str | None = None  # "stop" or "length" once finished
         self.error: QwenRefError | None = None
         self._detok = IncrementalDetokenizer(tokenizer)
@@ -81,6 +82,9 @@ class Response:
         string, waits for its next characters)."""
         if self.done:
             return ""  # stopped at a stop string: whatever the engine still sends is not part of the answer
+        if isinstance(event, Prompt):
+            self.prompt_infos = list(event.logprobs)
+            return ""
         if isinstance(event, Token):
             self.tokens.append(event.token)
             if event.logprobs is not None:

@@ -42,6 +42,7 @@ class Prepared:
     tool_names: set[str] = field(default_factory=set)
     adapter: Any = None  # the qwen_ref.lora.LoraAdapter applied to this request (unmerged); None: none
     ignored: list[str] = field(default_factory=list)  # JSON pointers of unknown keys left out (not strict)
+    prompt_logprobs: int | None = None  # alternatives per prompt token: the prompt is scored (completions' echo)
 
     @property
     def stream(self) -> bool:
@@ -59,7 +60,7 @@ class Prepared:
 
     def engine_request(self, qwen: Qwen, deadline: float | None = None) -> EngineRequest:
         return EngineRequest(self.prompt_ids, self.max_tokens, self.state, frozenset(qwen.eos_token_ids),
-                             self.constraint, self.adapter, self.logprobs, deadline)
+                             self.constraint, self.adapter, self.logprobs, deadline, self.prompt_logprobs)
 
 
 def context_window(qwen: Qwen) -> int:
@@ -118,9 +119,11 @@ def _with_call_objects(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "tool_calls": out}
 
 
-def prepare(qwen: Qwen, inputs: Any, where: str = "", *, strict: bool = False) -> Prepared:
+def prepare(qwen: Qwen, inputs: Any, where: str = "", *, strict: bool = False,
+            prompt_ids: list[int] | None = None) -> Prepared:
     """strict=False (the service's behaviour): keys the schema does not know are ignored and listed in
-    Prepared.ignored; strict=True: they are an InvalidInput naming them (for research, where a typo must not pass)."""
+    Prepared.ignored; strict=True: they are an InvalidInput naming them (for research, where a typo must not pass).
+    prompt_ids: the prompt as token ids (OpenAI completions take them), used instead of tokenizing the body's."""
     ignored: list[str] = []
     try:
         body = with_defaults(validate_input(inputs, strict=strict, ignored=ignored))
@@ -130,7 +133,12 @@ def prepare(qwen: Qwen, inputs: Any, where: str = "", *, strict: bool = False) -
     if qwen.tokenizer is None:
         raise _bad(where, "/", "tokenizer", "the checkpoint has no tokenizer files")
     text, names = prompt_text(qwen, body, where)
-    prompt_ids = qwen.tokenizer.encode(text)
+    if prompt_ids is None:
+        prompt_ids = qwen.tokenizer.encode(text)
+    elif any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < qwen.config.vocab_size
+             for i in prompt_ids):
+        raise _bad(where, "/prompt", "token_ids", f"token ids must be integers from 0 to "
+                   f"{qwen.config.vocab_size - 1}, the model's vocabulary")
     if not prompt_ids:
         raise _bad(where, "/prompt", "minLength", "the prompt encodes to no tokens")
     max_tokens = body["max_tokens"]
@@ -192,12 +200,13 @@ def _adapter(qwen: Qwen, name: str | None, where: str) -> Any:
     return adapter
 
 
-def samples(qwen: Qwen, inputs: Any, n: int, *, strict: bool = False) -> list[Prepared]:
+def samples(qwen: Qwen, inputs: Any, n: int, *, strict: bool = False,
+            prompt_ids: list[int] | None = None) -> list[Prepared]:
     """n samples of one request: sample i uses seed + i (sampling.sample_seed), or a fresh seed each without a
     seed. They share one prompt, so the engine prefills it once."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
         raise InvalidInput("/", "n", f"n: {n!r} is out of range; allowed: an integer from 1 to {MAX_SAMPLES}")
-    first = prepare(qwen, inputs, strict=strict)
+    first = prepare(qwen, inputs, strict=strict, prompt_ids=prompt_ids)
     if first.stream and n > 1:
         raise InvalidInput("/stream", "n", "stream is not available with n > 1")
     out = [first]
@@ -207,5 +216,5 @@ def samples(qwen: Qwen, inputs: Any, n: int, *, strict: bool = False) -> list[Pr
             body["seed"] = sampling.sample_seed(first.state.seed, i)
         else:
             body.pop("seed", None)  # a fresh seed per sample
-        out.append(prepare(qwen, body))
+        out.append(prepare(qwen, body, prompt_ids=prompt_ids))
     return out
