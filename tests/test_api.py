@@ -361,3 +361,12 @@ def test_tool_conversations_render_as_transformers_renders_them(qwen25):
     hf = AutoTokenizer.from_pretrained(qwen25.path)
     assert text == hf.apply_chat_template(as_objects, tools=TOOLS_OPENAI, tokenize=False, add_generation_prompt=True)
     assert '{"name": "getWeather", "arguments": {"city": "Oslo"}}' in text and "<tool_response>\n9C" in text
+
+
+def test_null_tool_keys_count_as_absent(qwen25):
+    # LangChain's Cloudflare integration sends "name": null on tool messages, and clients send tool_calls: null
+    nulls = [{**HISTORY[0], "tool_calls": None}, HISTORY[1], {**HISTORY[2], "name": None, "tool_call_id": None},
+             *HISTORY[3:]]
+    plain = [HISTORY[0], HISTORY[1], {"role": "tool", "content": "12C"}, *HISTORY[3:]]
+    assert prepare(qwen25, {"messages": nulls, "tools": TOOLS_OPENAI}, strict=True).prompt_ids == \
+        prepare(qwen25, {"messages": plain, "tools": TOOLS_OPENAI}, strict=True).prompt_ids

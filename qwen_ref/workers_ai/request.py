@@ -102,7 +102,9 @@ def prompt_text(qwen: Qwen, inputs: dict[str, Any], where: str = "") -> tuple[st
 
 def _with_call_objects(message: dict[str, Any]) -> dict[str, Any]:
     """An assistant's earlier tool calls with their arguments as objects: OpenAI clients send the object's JSON
-    text, and the chat templates render the arguments with tojson (a string would be quoted twice)."""
+    text, and the chat templates render the arguments with tojson (a string would be quoted twice). Tool keys
+    sent as null are left out, as if absent."""
+    message = {k: v for k, v in message.items() if v is not None or k not in ("tool_calls", "tool_call_id", "name")}
     calls = message.get("tool_calls")
     if not calls:
         return message

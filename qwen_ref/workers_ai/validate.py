@@ -71,17 +71,17 @@ def _close(schema: dict[str, Any]) -> None:
 _ARGUMENTS = {"type": ["object", "string"]}  # an object, or (OpenAI) the object's JSON text
 _CALL = {"type": "object", "properties": {"name": {"type": "string"}, "arguments": _ARGUMENTS},
          "required": ["name"], "additionalProperties": False}
-# A tool conversation's history: an assistant's earlier calls (the service's {name, arguments}, or OpenAI's
-# {id, type, function: {name, arguments}}), and a tool message's call id and name.
+# A tool conversation's history (null values count as absent): an assistant's earlier calls (the service's
+# {name, arguments}, or OpenAI's {id, type, function: {name, arguments}}), and a tool message's call id and name.
 _TOOL_CONVERSATION = {
-    "tool_calls": {"type": "array", "items": {"type": "object", "oneOf": [
+    "tool_calls": {"type": ["array", "null"], "items": {"type": "object", "oneOf": [
         {**_CALL, "properties": {**_CALL["properties"], "id": {"type": "string"}}},
         {"type": "object", "properties": {"id": {"type": "string"}, "type": {"const": "function"},
                                           "function": _CALL}, "required": ["function"],
          "additionalProperties": False},
     ]}},
-    "tool_call_id": {"type": "string"},
-    "name": {"type": "string"},
+    "tool_call_id": {"type": ["string", "null"]},  # clients (LangChain's) send null for "none": left out
+    "name": {"type": ["string", "null"]},
 }
 
 
