@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from server_helpers import (
@@ -264,3 +266,32 @@ def qwen_ref_generate(qwen, ids: list[int], max_tokens: int) -> str:
 
     (out,) = generate_ids(qwen.model, [ids], max_tokens, stop_ids=qwen.eos_token_ids)
     return qwen.tokenizer.decode([t for t in out if t not in qwen.eos_token_ids])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The JS AI SDK: Cloudflare's workers-ai-provider and @ai-sdk/openai-compatible (tests/js, where node is present)
+
+JS = Path(__file__).parent / "js"
+
+
+def _js_clients() -> str:
+    """The node binary once tests/js has its pinned packages (npm ci from the lockfile on first use)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are not installed: the AI SDK clients cannot run")
+    if not (JS / "node_modules" / "ai").is_dir():
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS, capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            pytest.skip(f"npm ci could not install the AI SDK packages (no registry?): {done.stderr[-300:]}")
+    return node
+
+
+def test_ai_sdk_providers(scripted_srv):
+    node = _js_clients()
+    done = subprocess.run([node, str(JS / "ai_sdk_clients.mjs"), scripted_srv.base, TOKEN, CODER],
+                          capture_output=True, text=True, timeout=300)
+    checks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0 and all(c["ok"] for c in checks), done.stdout + done.stderr[-2000:]
+    providers, names = ("workers-ai-provider", "openai-compatible"), ("generateText", "streamText", "tool loop")
+    assert {(c["provider"], c["check"]) for c in checks} == {(p, c) for p in providers for c in names}
