@@ -118,9 +118,9 @@ class _ScriptedForCausalLM(QwenForCausalLM):
             row.history.extend(input_ids[i, : int(p.num_new[i])].tolist())
         return p
 
-    def end(self, p: Pass, last_only: bool = False, compute_logits: bool = True) -> torch.Tensor | None:
-        logits = super().end(p, last_only, compute_logits)
-        if logits is None or logits.shape[1] != 1:  # only generation steps: one set of logits per row
+    def logits(self, p: Pass, hidden: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        logits = super().logits(p, hidden, last_only)
+        if logits.shape[1] != 1:  # only generation steps: one set of logits per row
             return logits
         for i, c in enumerate(_caches(p.fwd.cache)):
             row = self.script.rows.get(c)

@@ -152,6 +152,17 @@ def test_openai_forced_tool_choice_on_an_unscripted_prompt(oa):
     assert call.function.name == "pick" and set(args) == {"n"} and 0 <= args["n"] <= 9
 
 
+def test_openai_completions_keep_the_text_as_generated(oa):
+    # a completion has no tool calls: the markup stays in the text, and the script runs with the prompt scored
+    prompt = "Q: what is the weather in Paris? A:"
+    out = oa.completions.create(model=CODER, prompt=prompt, max_tokens=64)
+    reply = "<tool_call>\n" + json.dumps(CALL) + "\n</tool_call>"
+    assert out.choices[0].text == reply and out.choices[0].finish_reason == "stop"
+    echoed = oa.completions.create(model=CODER, prompt=prompt, max_tokens=64, echo=True, logprobs=0)
+    assert echoed.choices[0].text == prompt + reply
+    assert echoed.choices[0].logprobs.token_logprobs[0] is None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # LangChain's Cloudflare integration (langchain-cloudflare), in both endpoint formats
 

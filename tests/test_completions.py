@@ -127,6 +127,10 @@ def test_batches_n_and_stop(client, qwen15):
                                               "temperature": 1.0})
             if p == 0:  # a text prompt tokenizes as the route does; token ids are taken as given
                 assert out.choices[p * 2 + j].text == ours["response"]
+            else:  # sample j of n is the request with seed + j alone
+                alone = client.completions.create(model=QWEN15, prompt=[1, 2, 3], max_tokens=5, seed=3 + j,
+                                                  temperature=1.0)
+                assert out.choices[p * 2 + j].text == alone.choices[0].text
     first = client.completions.create(model=QWEN15, prompt="a b c", max_tokens=6, temperature=0).choices[0].text
     cut = first[2:4]
     stopped = client.completions.create(model=QWEN15, prompt="a b c", max_tokens=6, temperature=0, stop=[cut])
@@ -144,3 +148,22 @@ def test_streamed_completion_with_echo(client, qwen15):
     offsets = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.text_offset]
     assert offsets == plain.choices[0].logprobs.text_offset
     assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+
+
+def test_a_bad_prompt_in_a_batch_fails_the_request_and_frees_the_rest(srv, client):
+    openai = pytest.importorskip("openai")
+    for bad in ([2**70], [10**9], [-1]):
+        with pytest.raises(openai.BadRequestError, match="/prompt"):
+            client.completions.create(model=QWEN15, prompt=["hello world " * 10, bad], max_tokens=3000)
+    assert srv.wait_idle()["active"] == 0  # the first prompt's request was cancelled, not left running
+
+
+def test_max_tokens_0_fits_a_prompt_as_long_as_the_window(qwen15):
+    from qwen_ref.errors import ContextWindowExceeded
+    from qwen_ref.workers_ai.request import context_window, prepare
+
+    window = context_window(qwen15)
+    body = {"prompt": "x", "raw": True}
+    assert prepare(qwen15, body, prompt_ids=[1] * window, max_tokens=0).max_tokens == 0
+    with pytest.raises(ContextWindowExceeded):
+        prepare(qwen15, body, prompt_ids=[1] * window, max_tokens=1)

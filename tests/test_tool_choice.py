@@ -62,6 +62,20 @@ def test_required_writes_only_tool_call_blocks_each_valid(qwen25, seed):
                                           and response["usage"]["completion_tokens"] == 120)
 
 
+def test_unusual_names_and_local_references(qwen25):
+    # a name needing escapes, and a "#/properties/..." reference: the arguments are their own root
+    name = 'get "the" \\weather é'
+    params = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                               "alias": {"$ref": "#/properties/city"}},
+              "required": ["city", "alias"], "additionalProperties": False}
+    out = qwen_ref.generate(qwen25, {"messages": ASK, "tools": [{"name": name, "parameters": params}],
+                                     "tool_choice": {"type": "function", "function": {"name": name}},
+                                     "max_tokens": 120, "seed": 2})
+    (call,) = out["tool_calls"]
+    assert call["name"] == name and call["arguments"]["alias"] in ("Paris", "Rome")
+    jsonschema.validate(call["arguments"], params)
+
+
 def test_none_hides_the_tools_from_the_model(qwen25):
     with_none = prepare(qwen25, {"messages": ASK, "tools": TOOLS, "tool_choice": "none"})
     without = prepare(qwen25, {"messages": ASK})

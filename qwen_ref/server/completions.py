@@ -63,11 +63,15 @@ def _is_ids(value: Any) -> bool:
 def _prompts(prompt: Any) -> list[PromptInput]:
     """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of token-id lists."""
     if isinstance(prompt, str) or _is_ids(prompt):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
-        return list(prompt)
-    raise bad_input("/prompt", "required: a string, a list of strings, a list of token ids or a list of token-id "
-                               "lists (none empty)")
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise bad_input("/prompt", "required: a string, a list of strings, a list of token ids or a list of token-id "
+                                   "lists (none empty)")
+    if len(prompts) > MAX_SAMPLES:
+        raise bad_input("/prompt", f"at most {MAX_SAMPLES} prompts per request, got {len(prompts)}")
+    return prompts
 
 
 def _check_unused(request: dict[str, Any]) -> None:
@@ -113,11 +117,15 @@ def completion_request(request: Any) -> Completion:
 def _prepare(served: Served, c: Completion, prompt: PromptInput, strict: bool) -> list[Prepared]:
     """n samples of one prompt; with max_tokens 0 only the prompt runs; with echo and logprobs it is scored."""
     ids = prompt if isinstance(prompt, list) else None
+    if ids is not None:
+        vocab = served.qwen.config.vocab_size
+        if not all(0 <= i < vocab for i in ids):
+            raise bad_input("/prompt", f"token ids must be integers from 0 to {vocab - 1}, the model's vocabulary")
     text = served.qwen.tokenizer.decode(ids) if ids is not None and served.qwen.tokenizer else prompt
-    body = {**c.body, "prompt": text, "max_tokens": max(c.max_tokens, 1)}
+    body = {**c.body, "prompt": text or " ", "max_tokens": max(c.max_tokens, 1)}  # the schema's minimums
     scored = c.logprobs if c.echo and c.logprobs is not None else None
-    return [replace(p, max_tokens=c.max_tokens, prompt_logprobs=scored)
-            for p in samples(served.qwen, body, c.n, strict=strict, prompt_ids=ids)]
+    return [replace(p, prompt_logprobs=scored) for p in samples(served.qwen, body, c.n, strict=strict,
+                                                                prompt_ids=ids, max_tokens=c.max_tokens)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,16 +161,19 @@ def legacy_logprobs(output: Output, entries: list[Entry], offset: int = 0) -> di
             "text_offset": offsets}
 
 
-def _echoed(output: Output) -> str:
-    return output.prepared.inputs["prompt"]
+def _echoed(prompt: PromptInput, output: Output) -> str:
+    """The prompt as echoed: as sent, or token ids decoded."""
+    return prompt if isinstance(prompt, str) else output.tokenizer.decode(prompt)
 
 
-def completion_choice(c: Completion, index: int, output: Output) -> dict[str, Any]:
-    result = output.result()
-    text = (_echoed(output) if c.echo else "") + result["response"]
+def completion_choice(c: Completion, prompt: PromptInput, index: int, output: Output) -> dict[str, Any]:
+    """The text as generated (a completion has no tool calls or JSON mode: nothing is parsed out of it)."""
+    if output.error is not None:
+        raise output.error
+    text = (_echoed(prompt, output) if c.echo else "") + output.text
     entries = (prompt_entries(output) if c.echo else []) + token_entries(output.infos)
     logprobs = None if c.logprobs is None else legacy_logprobs(output, entries)
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": output.finish_reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": output.reason or "stop"}
 
 
 def completion_body_usage(outputs: list[list[Output]]) -> dict[str, int]:
@@ -173,7 +184,7 @@ def completion_body_usage(outputs: list[list[Output]]) -> dict[str, int]:
 
 
 def completion_body(c: Completion, tickets: list[Ticket]) -> dict[str, Any]:
-    choices = [completion_choice(c, p * c.n + j, output)
+    choices = [completion_choice(c, c.prompts[p], p * c.n + j, output)
                for p, ticket in enumerate(tickets) for j, output in enumerate(ticket.responses)]
     return {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model, "choices": choices,
             "usage": completion_body_usage([t.responses for t in tickets])}
@@ -196,23 +207,24 @@ async def completion_events(c: Completion, tickets: list[Ticket]) -> AsyncIterat
             shown = [0] * len(ticket.responses)  # characters of each choice's text sent so far
             if c.echo and c.logprobs is None:
                 for j, output in enumerate(ticket.responses):
-                    yield _chunk(c, p * c.n + j, _echoed(output))
-                    shown[j] = len(_echoed(output))
+                    yield _chunk(c, p * c.n + j, _echoed(c.prompts[p], output))
+                    shown[j] = len(_echoed(c.prompts[p], output))
             async for j, event in ticket.events():
                 output, index = ticket.responses[j], p * c.n + j
                 text = output.push(event)
                 if isinstance(event, Failed):
                     raise event.error
                 if isinstance(event, Prompt) and c.echo:
-                    yield _chunk(c, index, _echoed(output), legacy_logprobs(output, prompt_entries(output)))
-                    shown[j] = len(_echoed(output))
+                    echoed = _echoed(c.prompts[p], output)
+                    yield _chunk(c, index, echoed, legacy_logprobs(output, prompt_entries(output)))
+                    shown[j] = len(echoed)
                 if text:
                     logprobs = (None if c.logprobs is None
                                 else legacy_logprobs(output, token_entries(output.take_pending()), shown[j]))
                     yield _chunk(c, index, text, logprobs)
                     shown[j] += len(text)
                 if output.done:
-                    yield _chunk(c, index, "", None, output.finish_reason)
+                    yield _chunk(c, index, "", None, output.reason or "stop")
         if c.include_usage:
             usage = completion_body_usage([t.responses for t in tickets])
             yield sse({"id": c.id, "object": "text_completion", "created": c.created, "model": c.model,
@@ -234,10 +246,12 @@ async def completions(request: Request, served: dict[str, Served], settings: Set
         for prompt in c.prompts:
             tickets.append(await start_prepared(model, lambda p=prompt: _prepare(model, c, p, settings.strict),
                                                 settings, c.stop))
-    except QwenRefError as e:
-        for ticket in tickets:
+    except BaseException as e:
+        for ticket in tickets:  # the prompts already queued stop: the request fails as a whole
             ticket.cancel()
-        return error_response(request.url.path, e)
+        if isinstance(e, QwenRefError):
+            return error_response(request.url.path, e)
+        raise
     if c.stream:
         return event_stream(completion_events(c, tickets))
     try:

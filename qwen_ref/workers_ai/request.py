@@ -122,10 +122,11 @@ def _with_call_objects(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare(qwen: Qwen, inputs: Any, where: str = "", *, strict: bool = False,
-            prompt_ids: list[int] | None = None) -> Prepared:
+            prompt_ids: list[int] | None = None, max_tokens: int | None = None) -> Prepared:
     """strict=False (the service's behaviour): keys the schema does not know are ignored and listed in
     Prepared.ignored; strict=True: they are an InvalidInput naming them (for research, where a typo must not pass).
-    prompt_ids: the prompt as token ids (OpenAI completions take them), used instead of tokenizing the body's."""
+    prompt_ids: the prompt as token ids (OpenAI completions take them), used instead of tokenizing the body's.
+    max_tokens: instead of the body's, which the schema keeps >= 1 (completions take 0: the prompt only)."""
     ignored: list[str] = []
     try:
         body = with_defaults(validate_input(inputs, strict=strict, ignored=ignored))
@@ -143,7 +144,7 @@ def prepare(qwen: Qwen, inputs: Any, where: str = "", *, strict: bool = False,
                    f"{qwen.config.vocab_size - 1}, the model's vocabulary")
     if not prompt_ids:
         raise _bad(where, "/prompt", "minLength", "the prompt encodes to no tokens")
-    max_tokens = body["max_tokens"]
+    max_tokens = body["max_tokens"] if max_tokens is None else max_tokens
     window = context_window(qwen)
     if len(prompt_ids) + max_tokens > window:
         raise ContextWindowExceeded(
@@ -202,13 +203,13 @@ def _adapter(qwen: Qwen, name: str | None, where: str) -> Any:
     return adapter
 
 
-def samples(qwen: Qwen, inputs: Any, n: int, *, strict: bool = False,
-            prompt_ids: list[int] | None = None) -> list[Prepared]:
+def samples(qwen: Qwen, inputs: Any, n: int, *, strict: bool = False, prompt_ids: list[int] | None = None,
+            max_tokens: int | None = None) -> list[Prepared]:
     """n samples of one request: sample i uses seed + i (sampling.sample_seed), or a fresh seed each without a
     seed. They share one prompt, so the engine prefills it once."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
         raise InvalidInput("/", "n", f"n: {n!r} is out of range; allowed: an integer from 1 to {MAX_SAMPLES}")
-    first = prepare(qwen, inputs, strict=strict, prompt_ids=prompt_ids)
+    first = prepare(qwen, inputs, strict=strict, prompt_ids=prompt_ids, max_tokens=max_tokens)
     if first.stream and n > 1:
         raise InvalidInput("/stream", "n", "stream is not available with n > 1")
     out = [first]
@@ -218,5 +219,5 @@ def samples(qwen: Qwen, inputs: Any, n: int, *, strict: bool = False,
             body["seed"] = sampling.sample_seed(first.state.seed, i)
         else:
             body.pop("seed", None)  # a fresh seed per sample
-        out.append(prepare(qwen, body, prompt_ids=prompt_ids))
+        out.append(prepare(qwen, body, prompt_ids=prompt_ids, max_tokens=max_tokens))
     return out

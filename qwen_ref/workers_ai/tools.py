@@ -107,25 +107,29 @@ def forced_tools(tools: list[dict[str, Any]], choice: Any) -> list[dict[str, Any
     return named[:1]
 
 
-def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
-    """What Qwen writes inside <tool_call>: {"name": <this tool>, "arguments": <its parameters>}, with the
-    parameters' $defs / definitions moved to the root, where their "#/$defs/..." references point."""
-    params = dict(function.get("parameters") or {})
-    defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
-    params.pop("$schema", None)
-    if "type" not in params:
-        params["type"] = "object"
-    return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": params},
-            "required": ["name", "arguments"], "additionalProperties": False, **defs}
+def _arguments_schema(function: dict[str, Any]) -> dict[str, Any]:
+    params = {k: v for k, v in (function.get("parameters") or {}).items() if k != "$schema"}
+    return params if "type" in params else {"type": "object", **params}
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # a Lark string literal: the same quoting and escapes as JSON
 
 
 def tool_call_grammar(tools: list[dict[str, Any]], many: bool) -> str:
     """An llguidance Lark grammar for the output: one tool-call block (many=True: one or more, a newline apart,
-    as Qwen's template joins them), each `<tool_call>\\n{json}\\n</tool_call>` calling one of `tools`."""
-    rules = [f"call_{i}: {lark_json(_call_schema(t['function']))}" for i, t in enumerate(tools)]
-    alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
+    as Qwen's template joins them), each `<tool_call>\\n{"name": <tool>, "arguments": <JSON>}\\n</tool_call>` in the
+    form the template shows the model, the arguments valid against that tool's parameters (their own root, so
+    their "#/..." references resolve as in the tool's schema)."""
+    calls, rules = [], []
+    for i, tool in enumerate(tools):
+        name = tool["function"]["name"]
+        head = _lark_string(f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": ')
+        calls.append(f"{head} args_{i}")
+        rules.append(f"args_{i}: {lark_json(_arguments_schema(tool['function']))}")
     start = 'start: block ("\\n" block)*' if many else "start: block"
-    return "\n".join([start, f'block: "{TOOL_CALL_OPEN}\\n" ({alternatives}) "\\n{TOOL_CALL_CLOSE}"', *rules])
+    close = _lark_string("}\n" + TOOL_CALL_CLOSE)
+    return "\n".join([start, f"block: ({' | '.join(calls)}) {close}", *rules])
 
 
 def tool_names(tools: list[dict[str, Any]]) -> set[str]:
