@@ -7,7 +7,6 @@ rank/alpha (rank_pattern, alpha_pattern, use_rslora) are computed here, once, fo
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,11 +127,10 @@ class AdapterConfig:
         )
         if cfg.use_dora and cfg.lora_bias:
             raise LoraError(f"{where}: lora_bias=true with use_dora=true is not a valid PEFT config")
+        from qwen_ref.lora.patterns import check_pattern  # patterns.py's errors are LoraErrors: imported here
+
         for regex in _regexes(cfg):
-            try:
-                re.compile(regex)
-            except re.error as e:
-                raise LoraError(f"{where}: {regex!r} is not a valid regular expression ({e})") from None
+            check_pattern(regex, where)
         return cfg
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
@@ -204,7 +202,9 @@ def _regexes(cfg: AdapterConfig) -> list[str]:
 
 def _pattern_key(patterns: Mapping[str, Any], module: str) -> str:
     """PEFT's get_pattern_key: the first pattern whose regex matches the end of the module name, else the name."""
+    from qwen_ref.lora.patterns import matches
+
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if matches(rf"(.*\.)?({key})$", module):
             return key
     return module

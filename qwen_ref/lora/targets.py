@@ -11,6 +11,7 @@ import re
 from torch import nn
 
 from qwen_ref.lora.config import ALL_LINEAR, AdapterConfig
+from qwen_ref.lora.patterns import matches
 
 OUTPUT_LAYER = "lm_head"  # PEFT's all-linear leaves out the output embedding
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # the modules weight tying joins
@@ -39,7 +40,7 @@ def _is_target(cfg: AdapterConfig, targets: frozenset[str] | str, key: str) -> b
     if _is_excluded(cfg, key):
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return matches(targets, key, full=True) is not None
     if key in targets:
         return True  # a direct hit skips the layer filter, as in PEFT
     if not any(key.endswith("." + t) for t in targets):
@@ -56,21 +57,21 @@ def _is_target(cfg: AdapterConfig, targets: frozenset[str] | str, key: str) -> b
 def _is_excluded(cfg: AdapterConfig, key: str) -> bool:
     ex = cfg.exclude_modules
     if isinstance(ex, str):
-        if re.fullmatch(ex, key):
+        if matches(ex, key, full=True):
             return True
     elif ex and (key in ex or any(key.endswith("." + e) for e in ex)):
         return True
     # modules_to_save are replaced whole, never adapted
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in cfg.modules_to_save)
+    return any(matches(rf"(^|.*\.){m}($|\..*)", key) for m in cfg.modules_to_save)
 
 
 def _layer_index(cfg: AdapterConfig, key: str) -> int | None:
     if not cfg.layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)  # the first numbered segment
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)  # the first numbered segment (our pattern)
     else:
         m = None
         for p in cfg.layers_pattern:
-            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            m = matches(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
             if m:
                 break
     return int(m.group("idx")) if m else None
