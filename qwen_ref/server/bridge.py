@@ -103,7 +103,8 @@ async def start(served: Served, body: Any, settings: Settings, stop: tuple[str, 
     options = body.get("options") if isinstance(body, dict) else None
     if isinstance(options, dict) and options.get("rejectIfBusy") is True and served.engine.stats()["queued"]:
         raise OutOfCapacity("Capacity temporarily exceeded, please try again")  # the service's rejectIfBusy
-    return await start_prepared(served, lambda: samples(served.qwen, body, n, strict=settings.strict), settings, stop)
+    return await start_prepared(served, lambda: samples(served.qwen, body, n, strict=settings.strict,
+                                                        limits=settings.limits), settings, stop)
 
 
 async def start_prepared(served: Served, make: Callable[[], list[Prepared]], settings: Settings,

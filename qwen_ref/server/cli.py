@@ -14,14 +14,18 @@ from qwen_ref.engine import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_RATIO
 from qwen_ref.errors import QwenRefError
 from qwen_ref.scripted import load_script
 from qwen_ref.server.settings import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT_S,
     TOKEN_ENV,
     Settings,
 )
+from qwen_ref.workers_ai.limits import Limits
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +61,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
                         help="KV cache budget per model in GiB: requests that could need more wait, or are refused "
                              "when they never fit (default: half the memory available at start)")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="open connections and requests at once; more get 503 (default "
+                             f"{DEFAULT_MAX_CONNECTIONS})")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
+                        help="a connection that sends no complete request headers within S seconds of opening (or "
+                             f"of its last answer) is closed (default {DEFAULT_HEADER_TIMEOUT_S:g})")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S, metavar="S",
+                        help=f"the request body must arrive within S seconds, or 408 (default "
+                             f"{DEFAULT_BODY_TIMEOUT_S:g})")
+    limits = Limits()
+    parser.add_argument("--max-prompt-chars", type=int, default=limits.prompt_chars,
+                        help=f"characters of prompt or message text per request (default {limits.prompt_chars})")
+    parser.add_argument("--max-messages", type=int, default=limits.messages,
+                        help=f"messages per request (default {limits.messages})")
+    parser.add_argument("--max-tools", type=int, default=limits.tools,
+                        help=f"tools per request (default {limits.tools})")
+    parser.add_argument("--max-schema-chars", type=int, default=limits.schema_chars,
+                        help="characters of response_format, and of the tools, as JSON (default "
+                             f"{limits.schema_chars})")
     parser.add_argument("--strict", action="store_true",
                         help="refuse request keys the Workers AI schema does not know, naming them (default: ignore "
                              "them, as the service does, and list them in the X-Qwen-Ref-Ignored-Keys header)")
@@ -68,7 +91,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     for flag in ("max_batch", "max_queue", "max_body_bytes", "timeout", "threads", "prefill_chunk", "prefill_ratio",
-                 "kv_memory"):
+                 "kv_memory", "max_connections", "header_timeout", "body_timeout", "max_prompt_chars",
+                 "max_messages", "max_tools", "max_schema_chars"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise QwenRefError(f"--{flag.replace('_', '-')} must be > 0")
 
@@ -80,6 +104,7 @@ def run_server(args: argparse.Namespace, load_options: Mapping[str, Any]) -> int
         import uvicorn
 
         from qwen_ref.server.app import create_app, load_models
+        from qwen_ref.server.deadlines import protocol_with_deadline
     except ImportError as e:
         raise QwenRefError(f"serve needs the serve extra: pip install 'qwen-ref[serve]' ({e})") from None
     _check_numbers(args)
@@ -91,12 +116,15 @@ def run_server(args: argparse.Namespace, load_options: Mapping[str, Any]) -> int
     served = load_models(args.sources, args.name, load_options, script, exact=args.batching == "exact",
                          max_running=args.max_batch, prefill_chunk=args.prefill_chunk,
                          prefill_ratio=args.prefill_ratio, kv_memory=kv_memory)
-    app = create_app(served, Settings(token, args.max_body_bytes, args.timeout, args.max_queue, args.strict))
+    limits = Limits(args.max_prompt_chars, args.max_messages, args.max_tools, args.max_schema_chars)
+    app = create_app(served, Settings(token, args.max_body_bytes, args.timeout, args.max_queue, args.strict, limits,
+                                      args.body_timeout))
     base = f"http://{args.host}:{args.port}"
     for name in served:
         print(f"qwen-ref serve: {name} at {base}/client/v4/accounts/ACCOUNT_ID/ai/run/{name}", file=sys.stderr)
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"qwen-ref serve: warning: {args.host} is reachable from other machines and no token is set",
               file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
+                http=protocol_with_deadline(args.header_timeout))
     return 0

@@ -25,6 +25,7 @@ from qwen_ref.server.http import bad_input, check_auth, error_response, openai_e
 from qwen_ref.server.native import event_stream
 from qwen_ref.server.openai import samples_n, sampling_fields, stop_strings, total_usage
 from qwen_ref.server.settings import Settings
+from qwen_ref.workers_ai.limits import Limits
 from qwen_ref.workers_ai.output import DONE, sse
 from qwen_ref.workers_ai.output import Response as Output
 from qwen_ref.workers_ai.request import MAX_SAMPLES, Prepared, samples
@@ -114,7 +115,7 @@ def completion_request(request: Any) -> Completion:
                       bool(options.get("include_usage")), stop_strings(request.get("stop")))
 
 
-def _prepare(served: Served, c: Completion, prompt: PromptInput, strict: bool) -> list[Prepared]:
+def _prepare(served: Served, c: Completion, prompt: PromptInput, strict: bool, limits: Limits) -> list[Prepared]:
     """n samples of one prompt; with max_tokens 0 only the prompt runs; with echo and logprobs it is scored."""
     ids = prompt if isinstance(prompt, list) else None
     if ids is not None:
@@ -125,7 +126,8 @@ def _prepare(served: Served, c: Completion, prompt: PromptInput, strict: bool) -
     body = {**c.body, "prompt": text or " ", "max_tokens": max(c.max_tokens, 1)}  # the schema's minimums
     scored = c.logprobs if c.echo and c.logprobs is not None else None
     return [replace(p, prompt_logprobs=scored) for p in samples(served.qwen, body, c.n, strict=strict,
-                                                                prompt_ids=ids, max_tokens=c.max_tokens)]
+                                                                prompt_ids=ids, max_tokens=c.max_tokens,
+                                                                limits=limits)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,8 +246,8 @@ async def completions(request: Request, served: dict[str, Served], settings: Set
         c = completion_request(await read_json(request, settings))
         model = lookup(served, c.model)
         for prompt in c.prompts:
-            tickets.append(await start_prepared(model, lambda p=prompt: _prepare(model, c, p, settings.strict),
-                                                settings, c.stop))
+            make = lambda p=prompt: _prepare(model, c, p, settings.strict, settings.limits)  # noqa: E731
+            tickets.append(await start_prepared(model, make, settings, c.stop))
     except BaseException as e:
         for ticket in tickets:  # the prompts already queued stop: the request fails as a whole
             ticket.cancel()

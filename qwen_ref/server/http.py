@@ -7,6 +7,7 @@ Every answer to an error takes its status and code from qwen_ref.errors.SERVICE_
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
@@ -21,6 +22,7 @@ from qwen_ref.errors import (
     JsonModeNotMet,
     LoraUnavailable,
     QwenRefError,
+    RequestTimeout,
     RequestTooLarge,
     Unauthorized,
     UnsupportedMediaType,
@@ -35,12 +37,14 @@ CONTRACT_ERRORS = (InvalidInput, LoraUnavailable, ContextWindowExceeded, JsonMod
 
 
 def message_of(e: Exception) -> str:
-    """The message the service gives for an error."""
+    """The message the service gives for an error (always encodable: a lone surrogate becomes U+FFFD)."""
     if isinstance(e, CONTRACT_ERRORS):
-        return f"AiError: {e}"
-    if isinstance(e, QwenRefError) and service_status(e) == service_status(InvalidInput("/", "", "")):
-        return f"AiError: Bad input: {e}"  # another typed error of the request (a template, an adapter file)
-    return str(e) if isinstance(e, QwenRefError) else f"Internal server error: {type(e).__name__}"
+        text = f"AiError: {e}"
+    elif isinstance(e, QwenRefError) and service_status(e) == service_status(InvalidInput("/", "", "")):
+        text = f"AiError: Bad input: {e}"  # another typed error of the request (a template, an adapter file)
+    else:
+        text = str(e) if isinstance(e, QwenRefError) else f"Internal server error: {type(e).__name__}"
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def bad_input(path: str, detail: str) -> InvalidInput:
@@ -51,21 +55,32 @@ def check_auth(request: Request, token: str | None) -> None:
     if token is None:
         return
     scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # headers arrive as latin-1 text of the raw bytes: compare bytes, so a non-ASCII token can match
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                            token.encode("utf-8")):
         raise Unauthorized("Authentication error")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The body, at most `limit` bytes (413), whole within `timeout_s` seconds (408)."""
     too_large = RequestTooLarge(f"Request too large: the body is over the server's limit of {limit} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
+        raise RequestTimeout(f"Timeout: the request body did not arrive within {timeout_s:g}s") from None
     return b"".join(chunks)
 
 
@@ -99,7 +114,7 @@ def parse_json(raw: bytes) -> Any:
 
 async def read_json(request: Request, settings: Settings) -> Any:
     check_content_type(request)
-    return parse_json(await read_body(request, settings.max_body_bytes))
+    return parse_json(await read_body(request, settings.max_body_bytes, settings.body_timeout_s))
 
 
 def envelope(result: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import os
@@ -13,6 +14,8 @@ from tokenizers import Tokenizer
 
 from qwen_ref.errors import TokenizerError
 from qwen_ref.tokenizer.build import UNICODE_TO_BYTE
+
+LONG_TEXT = 4096  # characters from which encode() releases the GIL
 
 
 class QwenTokenizer:
@@ -39,7 +42,16 @@ class QwenTokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        return self._tok.encode(text, add_special_tokens=False).ids
+        if len(text) < LONG_TEXT:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode holds it): a long text does not stall the server's other threads
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most bytes any one token stands for: a text of N bytes has at least N / this many tokens."""
+        base = max(map(len, self._tok.get_vocab(with_added_tokens=False)), default=0)  # byte-level: a char a byte
+        return max(base, *(len(c.encode("utf-8")) for c in self._added.values()), 1)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Ids the tokenizer does not know (e.g. a model's padding rows past vocab_size) decode to nothing."""

@@ -12,12 +12,14 @@ from typing import Any
 from qwen_ref.engine import Engine
 from qwen_ref.errors import InvalidInput
 from qwen_ref.qwen import Qwen
+from qwen_ref.workers_ai.limits import DEFAULT_LIMITS, Limits
 from qwen_ref.workers_ai.output import Response
 from qwen_ref.workers_ai.request import Prepared, prepare, samples
 
 
 def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]], *, n: int = 1, exact: bool = True,
-             strict: bool = False, return_exceptions: bool = False, **engine_options: Any) -> Any:
+             strict: bool = False, return_exceptions: bool = False, limits: Limits = DEFAULT_LIMITS,
+             **engine_options: Any) -> Any:
     """A Workers AI request body in, its result out (or an iterator of SSE bytes when stream is true).
 
     A list of request bodies runs as one batch and returns a list of results, each with its own parameters
@@ -30,6 +32,7 @@ def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]], *, n: in
 
     Keys the request schema does not know are ignored, as the service ignores them (Prepared.ignored lists
     them); strict=True makes each an InvalidInput naming it, for research use where a typo must not pass.
+    limits: the request size limits (qwen_ref.workers_ai.limits.Limits), checked before any expensive work.
 
     A request that fails in the engine (its logits, its grammar, its adapter) fails alone: its typed error is
     raised once the batch has run, or, with return_exceptions=True, returned in its place in the list. A
@@ -39,18 +42,18 @@ def generate(qwen: Qwen, inputs: dict[str, Any] | list[dict[str, Any]], *, n: in
     if n != 1 or isinstance(n, bool):
         if isinstance(inputs, list):
             raise InvalidInput("/", "n", "n > 1 takes one request, not a batch")
-        return _run(qwen, samples(qwen, inputs, n, strict=strict), exact, return_exceptions, engine_options,
-                    shared=True)
+        return _run(qwen, samples(qwen, inputs, n, strict=strict, limits=limits), exact, return_exceptions,
+                    engine_options, shared=True)
     if isinstance(inputs, list):
         if not inputs:
             raise InvalidInput("/", "minItems", "a batch needs at least one request")
-        batch = [prepare(qwen, body, where=f"/{i}", strict=strict) for i, body in enumerate(inputs)]
+        batch = [prepare(qwen, body, where=f"/{i}", strict=strict, limits=limits) for i, body in enumerate(inputs)]
         for i, p in enumerate(batch):
             if p.stream:
                 raise InvalidInput(f"/{i}/stream", "batch", "stream is not available in a batch; "
                                                             "send streamed requests one at a time")
         return _run(qwen, batch, exact, return_exceptions, engine_options)
-    p = prepare(qwen, inputs, strict=strict)
+    p = prepare(qwen, inputs, strict=strict, limits=limits)
     if p.stream:
         return _stream(qwen, p, exact, engine_options)
     return _run(qwen, [p], exact, False, engine_options)[0]

@@ -17,6 +17,7 @@ from qwen_ref.qwen import Qwen
 from qwen_ref.sampling import SAMPLING_FIELDS, RequestState, SamplingParams
 from qwen_ref.sampling.json_mask import InvalidJsonSchema, JsonConstraint
 from qwen_ref.workers_ai.chat import ChatTemplateError, render_chat, template_special_tokens
+from qwen_ref.workers_ai.limits import DEFAULT_LIMITS, Limits, check_fits, check_limits
 from qwen_ref.workers_ai.tools import (
     ToolSpecError,
     check_functions,
@@ -122,19 +123,26 @@ def _with_call_objects(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare(qwen: Qwen, inputs: Any, where: str = "", *, strict: bool = False,
-            prompt_ids: list[int] | None = None, max_tokens: int | None = None) -> Prepared:
+            prompt_ids: list[int] | None = None, max_tokens: int | None = None,
+            limits: Limits = DEFAULT_LIMITS) -> Prepared:
     """strict=False (the service's behaviour): keys the schema does not know are ignored and listed in
     Prepared.ignored; strict=True: they are an InvalidInput naming them (for research, where a typo must not pass).
     prompt_ids: the prompt as token ids (OpenAI completions take them), used instead of tokenizing the body's.
-    max_tokens: instead of the body's, which the schema keeps >= 1 (completions take 0: the prompt only)."""
+    max_tokens: instead of the body's, which the schema keeps >= 1 (completions take 0: the prompt only).
+    limits: the size limits (workers_ai/limits.py), checked first, before any expensive work."""
     ignored: list[str] = []
     try:
+        chars = check_limits(inputs, limits)
         body = with_defaults(validate_input(inputs, strict=strict, ignored=ignored))
     except InvalidInput as e:
         raise _bad(where, e.path, e.rule, e.detail) from None
     adapter = _adapter(qwen, body.get("lora"), where)
     if qwen.tokenizer is None:
         raise _bad(where, "/", "tokenizer", "the checkpoint has no tokenizer files")
+    max_tokens = body["max_tokens"] if max_tokens is None else max_tokens
+    window = context_window(qwen)
+    if prompt_ids is None:  # a text that cannot fit is refused before the template and the tokenizer run
+        check_fits(chars, max_tokens, window, qwen.tokenizer.longest_token)
     text, names = prompt_text(qwen, body, where)
     if prompt_ids is None:
         prompt_ids = qwen.tokenizer.encode(text)
@@ -144,8 +152,6 @@ def prepare(qwen: Qwen, inputs: Any, where: str = "", *, strict: bool = False,
                    f"{qwen.config.vocab_size - 1}, the model's vocabulary")
     if not prompt_ids:
         raise _bad(where, "/prompt", "minLength", "the prompt encodes to no tokens")
-    max_tokens = body["max_tokens"] if max_tokens is None else max_tokens
-    window = context_window(qwen)
     if len(prompt_ids) + max_tokens > window:
         raise ContextWindowExceeded(
             f"This model's maximum context length is {window} tokens. However, you requested {max_tokens} "
@@ -204,12 +210,12 @@ def _adapter(qwen: Qwen, name: str | None, where: str) -> Any:
 
 
 def samples(qwen: Qwen, inputs: Any, n: int, *, strict: bool = False, prompt_ids: list[int] | None = None,
-            max_tokens: int | None = None) -> list[Prepared]:
+            max_tokens: int | None = None, limits: Limits = DEFAULT_LIMITS) -> list[Prepared]:
     """n samples of one request: sample i uses seed + i (sampling.sample_seed), or a fresh seed each without a
     seed. They share one prompt, so the engine prefills it once."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
         raise InvalidInput("/", "n", f"n: {n!r} is out of range; allowed: an integer from 1 to {MAX_SAMPLES}")
-    first = prepare(qwen, inputs, strict=strict, prompt_ids=prompt_ids, max_tokens=max_tokens)
+    first = prepare(qwen, inputs, strict=strict, prompt_ids=prompt_ids, max_tokens=max_tokens, limits=limits)
     if first.stream and n > 1:
         raise InvalidInput("/stream", "n", "stream is not available with n > 1")
     out = [first]
@@ -219,5 +225,5 @@ def samples(qwen: Qwen, inputs: Any, n: int, *, strict: bool = False, prompt_ids
             body["seed"] = sampling.sample_seed(first.state.seed, i)
         else:
             body.pop("seed", None)  # a fresh seed per sample
-        out.append(prepare(qwen, body, prompt_ids=prompt_ids, max_tokens=max_tokens))
+        out.append(prepare(qwen, body, prompt_ids=prompt_ids, max_tokens=max_tokens, limits=limits))
     return out

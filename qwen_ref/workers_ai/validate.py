@@ -12,6 +12,7 @@ import copy
 import difflib
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping
 from functools import cache
 from importlib import resources
@@ -26,6 +27,7 @@ from qwen_ref.errors import InvalidInput, QwenRefError
 from qwen_ref.sampling.json_schema import json_schema_of  # unwraps OpenAI's {"name", "schema"}; no llguidance
 
 ROLES = ("system", "user", "assistant", "tool")  # the roles the Qwen chat templates render
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads accepts "\\ud800"; no text may hold one
 MAX_DEPTH = 64  # deepest nesting of objects and arrays accepted anywhere in a request
 INTEGER_FIELDS = ("max_tokens", "top_k", "seed")
 _BRANCH_KEYS = ("prompt", "messages")
@@ -255,9 +257,14 @@ def _not_json(value: Any) -> list[_Problem]:
             problems.append(_Problem(path[:MAX_DEPTH], "maxDepth", f"nested deeper than {MAX_DEPTH} levels"))
         elif isinstance(item, float) and not math.isfinite(item):
             problems.append(_Problem(path, "finite", f"{_show(item)} is not a JSON number; numbers must be finite"))
+        elif isinstance(item, str) and _SURROGATE.search(item):
+            problems.append(_Problem(path, "unicode", "the text holds a lone UTF-16 surrogate (such as \\ud800), "
+                                                      "which is not a Unicode character"))
         elif isinstance(item, dict):
             for key, child in item.items():
-                if isinstance(key, str):
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    problems.append(_Problem(path, "unicode", "an object key holds a lone UTF-16 surrogate"))
+                elif isinstance(key, str):
                     stack.append(((*path, key), child))
                 else:
                     problems.append(_Problem(path, "json", f"object key {key!r} is not a string"))

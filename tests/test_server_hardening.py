@@ -1,0 +1,204 @@
+"""Hostile input to the server and the request path: size limits checked before expensive work, lone
+surrogates, read deadlines and the connection limit. Each is refused with a typed error in bounded time, and the
+server keeps answering."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from server_helpers import TOKEN, Server, _free_port, _stop_server
+
+import qwen_ref
+from qwen_ref.errors import ContextWindowExceeded, InvalidInput
+from qwen_ref.workers_ai.limits import Limits
+from qwen_ref.workers_ai.request import prepare
+
+requests = pytest.importorskip("requests")
+pytest.importorskip("uvicorn")
+
+ASK = [{"role": "user", "content": "hi"}]
+TOOL = {"name": "f", "parameters": {"type": "object"}}
+
+
+@pytest.fixture(scope="module")
+def qwen25(tiny):
+    return qwen_ref.load(tiny("qwen2.5"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Limits, before any expensive work (the Python API and the server share them)
+
+@pytest.mark.parametrize(("body", "path", "rule"), [
+    ({"prompt": "a" * 1_000_001}, "/prompt", "maxLength"),
+    ({"messages": [{"role": "user", "content": "a" * 600_000}] * 2}, "/messages", "maxLength"),
+    ({"messages": [{"role": "user", "content": ""}] * 200_000}, "/messages", "maxItems"),
+    ({"messages": ASK, "tools": [TOOL] * 10_000}, "/tools", "maxItems"),
+    ({"messages": ASK, "tools": [{"name": "f", "description": "d" * 300_000}]}, "/tools", "maxLength"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"enum": ["e" * 300_000]}}},
+     "/response_format", "maxLength"),
+])
+def test_limits_come_before_validation_and_the_tokenizer(qwen25, monkeypatch, body, path, rule):
+    def boom(*_):
+        raise AssertionError("the tokenizer ran")
+
+    monkeypatch.setattr(qwen25.tokenizer, "encode", boom)
+    with pytest.raises(InvalidInput) as e:
+        prepare(qwen25, body)
+    assert e.value.path == path and e.value.rule == rule
+
+
+def test_a_text_that_cannot_fit_is_refused_before_tokenizing(qwen25, monkeypatch):
+    monkeypatch.setattr(qwen25.tokenizer, "encode", lambda *_: pytest.fail("the tokenizer ran"))
+    window = 32768  # the tiny qwen2.5's max_position_embeddings
+    chars = qwen25.tokenizer.longest_token * window + 1  # at least window + 1 tokens
+    with pytest.raises(ContextWindowExceeded, match="at least"):
+        prepare(qwen25, {"prompt": "a" * chars}, limits=Limits(prompt_chars=10**9))
+
+
+def test_limits_are_settable(qwen25):
+    with pytest.raises(InvalidInput, match="at most 2"):
+        qwen_ref.generate(qwen25, {"messages": ASK * 3}, limits=Limits(messages=2))
+    assert qwen_ref.generate(qwen25, {"messages": ASK * 3, "max_tokens": 1}, limits=Limits(messages=3))
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "\ud800"},
+    {"messages": [{"role": "user", "content": "ok \udfff"}]},
+    {"messages": ASK, "tools": [{"name": "f\ud800"}]},
+    {"messages": ASK, "tools": [{"name": "f", "parameters": {"type": "object", "properties": {"\ud800": {}}}}]},
+    {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"const": "\ud83d"}}},
+])
+def test_lone_surrogates_are_bad_input(qwen25, body):
+    with pytest.raises(InvalidInput, match="surrogate"):
+        prepare(qwen25, body)
+
+
+def test_long_texts_are_tokenized_without_holding_the_gil(qwen25):
+    # tokenizers' encode holds the GIL (a server's event loop and engine stop); encode_batch releases it
+    text = "Hello world, this is a test of the tokenizer. " * 20_000
+    ticks, stop = [0], threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=tick)
+    thread.start()
+    time.sleep(0.05)
+    before, started = ticks[0], time.perf_counter()
+    ids = qwen25.tokenizer.encode(text)
+    elapsed, during = time.perf_counter() - started, ticks[0] - before
+    stop.set()
+    thread.join()
+    assert ids == qwen25.tokenizer._tok.encode(text, add_special_tokens=False).ids
+    assert during >= 0.2 * elapsed / 0.0011, (during, elapsed)  # held, the other thread ticks 0-2 times
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The server: deadlines, connections, error bodies
+
+@pytest.fixture(scope="module")
+def hard_srv(tiny):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "qwen_ref.server", "--port", str(port), "--api-token", TOKEN, "--threads", "1",
+           "--header-timeout", "1", "--body-timeout", "1", "--max-connections", "6", "--max-messages", "8",
+           "--name", f"tiny={tiny('qwen2.5')}"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "QWEN_REF_API_TOKEN": ""}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    srv = Server(proc, f"http://127.0.0.1:{port}")
+    srv.port = port
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if requests.get(f"{srv.base}/v1/models", headers=srv.auth, timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+    yield srv
+    _stop_server(srv)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before closing the connection, or None if it is still open after `seconds`."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except TimeoutError:
+        return None
+    return data
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /ai/run/tiny HTTP/1.1\r\nHost: x\r\n"])
+def test_idle_and_half_header_connections_are_closed(hard_srv, sent):
+    with socket.create_connection(("127.0.0.1", hard_srv.port)) as sock:
+        sock.sendall(sent)
+        assert _closed_within(sock, 8) is not None
+
+
+def test_a_body_that_stops_coming_gets_408(hard_srv):
+    head = (f"POST /ai/run/tiny HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+    with socket.create_connection(("127.0.0.1", hard_srv.port)) as sock:
+        sock.sendall(head.encode())
+        answer = _closed_within(sock, 8)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+
+
+def test_connections_over_the_limit_get_503_and_the_server_recovers(hard_srv):
+    idle = [socket.create_connection(("127.0.0.1", hard_srv.port)) for _ in range(8)]
+    try:
+        r = requests.get(f"{hard_srv.base}/v1/models", headers=hard_srv.auth, timeout=10)
+        assert r.status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.5)
+    assert requests.get(f"{hard_srv.base}/v1/models", headers=hard_srv.auth, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "\\ud800"}',
+    b'{"messages": [{"role": "user", "content": "\\udc00"}], "tools": [{"name": "\\ud800"}]}',
+])
+def test_surrogates_get_400_with_a_body_that_encodes(hard_srv, raw):
+    r = requests.post(f"{hard_srv.base}/ai/run/tiny", headers=hard_srv.auth, data=raw, timeout=30)
+    assert r.status_code == 400 and "surrogate" in r.json()["errors"][0]["message"]
+
+
+def test_surrogate_in_a_model_name_encodes(hard_srv):
+    r = requests.post(f"{hard_srv.base}/v1/chat/completions", headers=hard_srv.auth, timeout=30,
+                      data=b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}')
+    assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_flag_limits_reach_the_requests(hard_srv):
+    body = {"messages": [{"role": "user", "content": "hi"}] * 9}
+    r = requests.post(f"{hard_srv.base}/ai/run/tiny", headers=hard_srv.auth, json=body, timeout=30)
+    assert r.status_code == 400 and "at most 8" in r.json()["errors"][0]["message"]
+
+
+def test_a_non_ascii_token_can_match(tiny):
+    from starlette.testclient import TestClient
+
+    from qwen_ref.server.app import create_app, load_models
+    from qwen_ref.server.settings import Settings
+
+    app = create_app(load_models([str(tiny("qwen2.5"))]), Settings(api_token="clé-secrète"))
+    with TestClient(app) as client:
+        ok = client.get("/v1/models", headers={"Authorization": "Bearer clé-secrète".encode()})  # UTF-8 bytes
+        wrong = client.get("/v1/models", headers={"Authorization": "Bearer cle-secrete"})
+    assert ok.status_code == 200 and wrong.status_code == 401
+    assert json.loads(ok.text)["data"]
