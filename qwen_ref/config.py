@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 from qwen_ref.dtypes import DTYPES
 from qwen_ref.errors import ConfigError
+from qwen_ref.json_files import read_json_file
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -79,14 +79,7 @@ class QwenConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> QwenConfig:
         path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: config.json not found") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        d = read_json_file(path, ConfigError)
         try:
             return _parse(d)
         except ConfigError as e:
@@ -167,6 +160,20 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
                        for k in kinds)
 
 
+# The largest size of each field this reference accepts: well above every Qwen model (the 72B has 80 layers,
+# hidden 8192, 152064 ids; Qwen2.5-1M a 1,010,000-token window), far below what would exhaust memory or time
+# while the model is built, before the weights are even compared with the config.
+SIZE_LIMITS = {"vocab_size": 2**22, "hidden_size": 2**17, "intermediate_size": 2**20, "num_hidden_layers": 2**12,
+               "num_attention_heads": 2**10, "num_key_value_heads": 2**10, "head_dim": 2**12,
+               "max_position_embeddings": 2**24}
+
+
+def _in_limits(name: str, value: int) -> None:
+    _positive(name, value)
+    if value > SIZE_LIMITS[name]:
+        raise ConfigError(f"{name}: {value} is larger than this reference accepts (at most {SIZE_LIMITS[name]})")
+
+
 def _positive(name: str, value: int | float) -> None:
     if value <= 0:
         raise ConfigError(f"{name}: {value!r} must be > 0")
@@ -183,10 +190,10 @@ def _parse(d: dict[str, Any]) -> QwenConfig:
     ints = {}
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         ints[key] = _get(d, key, int)
-        _positive(key, ints[key])
+        _in_limits(key, ints[key])
     heads = ints["num_attention_heads"]
     kv_heads = _get(d, "num_key_value_heads", int, heads)
-    _positive("num_key_value_heads", kv_heads)
+    _in_limits("num_key_value_heads", kv_heads)
     if heads % kv_heads:
         raise ConfigError(
             f"num_key_value_heads: {kv_heads} does not divide num_attention_heads={heads}; "
@@ -201,12 +208,12 @@ def _parse(d: dict[str, Any]) -> QwenConfig:
                 "and head_dim is not given"
             )
         head_dim = ints["hidden_size"] // heads
-    _positive("head_dim", head_dim)
+    _in_limits("head_dim", head_dim)
     if head_dim % 2:
         raise ConfigError(f"head_dim: {head_dim} must be even for rotary embeddings")
 
     max_pos = _get(d, "max_position_embeddings", int, 32768)
-    _positive("max_position_embeddings", max_pos)
+    _in_limits("max_position_embeddings", max_pos)
     eps = _get(d, "rms_norm_eps", float, 1e-6)
     _positive("rms_norm_eps", eps)
 
@@ -236,7 +243,10 @@ def _parse(d: dict[str, Any]) -> QwenConfig:
     elif isinstance(eos, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
         eos_ids = tuple(eos)
     else:
-        raise ConfigError(f"eos_token_id: {eos!r} is not an integer or a list of integers")
+        raise ConfigError(f"eos_token_id: {eos!r:.80} is not an integer or a list of integers")
+    outside = [i for i in eos_ids if not 0 <= i < ints["vocab_size"]]
+    if outside:
+        raise ConfigError(f"eos_token_id: {outside[:5]} outside the vocabulary (0..{ints['vocab_size'] - 1})")
 
     return QwenConfig(
         **ints,

@@ -134,6 +134,11 @@ class ClientClosed(QwenRefError):
     """The client went away before its answer was ready."""
 
 
+class FeatureUnavailable(QwenRefError):
+    """The request needs an optional part this installation lacks (JSON mode without llguidance): the server's
+    fault, not the client's."""
+
+
 class ShuttingDown(QwenRefError):
     """The server is stopping."""
 
@@ -158,6 +163,7 @@ SERVICE_ERRORS: dict[type[Exception], tuple[int, int]] = {
     ClientClosed: (499, 499),
     EngineError: (500, 500),
     ShuttingDown: (503, 503),
+    FeatureUnavailable: (501, 501),
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,8 @@ from qwen_ref import known_models
 from qwen_ref.checkpoint.sources import resolve_source
 from qwen_ref.checkpoint.weights import load_weights, parse_dtype
 from qwen_ref.config import QwenConfig
-from qwen_ref.errors import CheckpointError
+from qwen_ref.errors import CheckpointError, ConfigError
+from qwen_ref.json_files import read_json_file
 from qwen_ref.lora import AdapterRegistry, check_unmerged, merge, resolve_adapter
 from qwen_ref.models.backends import check_backend_options, resolve_backends
 from qwen_ref.models.qwen2 import QwenForCausalLM
@@ -52,6 +52,25 @@ class Qwen:
         return tuple(ids)
 
 
+def read_generation_config(path: Path, config: QwenConfig, tokenizer: Any) -> dict[str, Any]:
+    """generation_config.json, read as carefully as config.json: a JSON object whose eos_token_id is an id or a
+    list of ids the model can produce (checked here, not at the first generate())."""
+    if not path.is_file():
+        return {}
+    generation = read_json_file(path, ConfigError)
+    eos = generation.get("eos_token_id")
+    if eos is None:
+        return generation
+    ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ConfigError(f"{path}: eos_token_id: {eos!r:.80} is not an integer or a list of integers")
+    limit = config.vocab_size if tokenizer is None else min(config.vocab_size, tokenizer.vocab_size)
+    bad = [i for i in ids if not 0 <= i < limit]
+    if bad:
+        raise ConfigError(f"{path}: eos_token_id: {bad[:5]} outside the vocabulary (0..{limit - 1})")
+    return generation
+
+
 def load(
     source: str | os.PathLike[str],
     *,
@@ -82,8 +101,7 @@ def load(
         raise CheckpointError(
             f"tokenizer knows {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}"
         )
-    gen_path = path / "generation_config.json"
-    generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+    generation = read_generation_config(path / "generation_config.json", config, tokenizer)
     registry = AdapterRegistry(lora_dir) if lora_dir is not None else None
     default = resolve_adapter(os.fspath(lora), registry) if lora is not None else None
     if default is not None and registry is None:

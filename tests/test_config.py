@@ -29,8 +29,21 @@ def cfg(**over):
     return QwenConfig.from_dict(d)
 
 
+def test_eos_ids_outside_the_vocabulary_are_refused_at_load():
+    with pytest.raises(ConfigError, match=r"eos_token_id: \[1000\] outside the vocabulary \(0..999\)"):
+        cfg(eos_token_id=[999, 1000])
+
+
+@pytest.mark.parametrize(("field", "value"), [("head_dim", 10**9), ("num_hidden_layers", 100_000),
+                                              ("vocab_size", 10**10), ("max_position_embeddings", 10**30),
+                                              ("num_key_value_heads", 2**11), ("intermediate_size", 2**21)])
+def test_sizes_beyond_any_model_are_refused_before_building(field, value):
+    with pytest.raises(ConfigError, match=f"{field}: {value} is larger than this reference accepts"):
+        cfg(**{field: value})
+
+
 def test_basic_fields():
-    c = cfg(eos_token_id=[151645, 151643], torch_dtype="bfloat16")
+    c = cfg(eos_token_id=[151645, 151643], torch_dtype="bfloat16", vocab_size=151936)
     assert c.head_dim == 16 and c.num_key_value_groups == 2
     assert c.eos_token_id == (151645, 151643)
     assert c.torch_dtype == "bfloat16"

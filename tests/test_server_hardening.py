@@ -80,6 +80,22 @@ def test_lone_surrogates_are_bad_input(qwen25, body):
         prepare(qwen25, body)
 
 
+DEEP_PATTERN = "(" * 500 + "a" + ")" * 500  # Python's regex parser recurses once per group
+
+
+@pytest.mark.parametrize(("body", "path"), [
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"type": "string",
+                                                                               "pattern": DEEP_PATTERN}}},
+     "/response_format/json_schema"),
+    ({"messages": ASK, "tools": [{"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": "string", "pattern": DEEP_PATTERN}}}}]}, "/tools/0/parameters"),
+])
+def test_deeply_nested_patterns_are_bad_input(qwen25, body, path):
+    with pytest.raises(InvalidInput, match="nests too deeply") as e:
+        prepare(qwen25, body)
+    assert e.value.path == path
+
+
 def test_long_texts_are_tokenized_without_holding_the_gil(qwen25):
     # tokenizers' encode holds the GIL (a server's event loop and engine stop); encode_batch releases it
     text = "Hello world, this is a test of the tokenizer. " * 20_000
@@ -202,3 +218,38 @@ def test_a_non_ascii_token_can_match(tiny):
         wrong = client.get("/v1/models", headers={"Authorization": "Bearer cle-secrete"})
     assert ok.status_code == 200 and wrong.status_code == 401
     assert json.loads(ok.text)["data"]
+
+
+def _app_client(tiny, tmp_path, **load_options):
+    from starlette.testclient import TestClient
+
+    from qwen_ref.server.app import create_app, load_models
+
+    return TestClient(create_app(load_models([str(tiny("qwen2.5"))], load_options=load_options)))
+
+
+def test_errors_never_show_server_paths(tiny, tmp_path):
+    adapters = tmp_path / "adapters"
+    (adapters / "broken").mkdir(parents=True)
+    (adapters / "broken" / "adapter_config.json").write_text("{not json")
+    (adapters / "broken" / "adapter_model.safetensors").write_bytes(b"")
+    with _app_client(tiny, tmp_path, lora_dir=str(adapters)) as client:
+        r = client.post(f"/ai/run/{tiny('qwen2.5')}", json={"prompt": "hi", "lora": "broken"})
+    message = r.json()["errors"][0]["message"]
+    assert r.status_code == 400 and "not valid JSON" in message
+    assert str(tmp_path) not in message and str(tiny("qwen2.5")) not in message
+
+
+def test_json_mode_without_llguidance_is_the_servers_fault(tiny, tmp_path, monkeypatch):
+    from qwen_ref.sampling import json_mask, json_schema
+
+    def missing():
+        raise json_schema.JsonModeUnavailable("JSON mode needs llguidance, which is not installed")
+
+    monkeypatch.setattr(json_schema, "load_llguidance", missing)
+    monkeypatch.setattr(json_mask, "load_llguidance", missing)
+    with _app_client(tiny, tmp_path) as client:
+        r = client.post(f"/ai/run/{tiny('qwen2.5')}", json={"prompt": "hi",
+                                                              "response_format": {"type": "json_object"}})
+    assert r.status_code == 501 and "llguidance" in r.json()["errors"][0]["message"]
+    assert "Bad input" not in r.json()["errors"][0]["message"]

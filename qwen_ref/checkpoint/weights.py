@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from torch import nn
 from qwen_ref.config import QwenConfig
 from qwen_ref.dtypes import DTYPES
 from qwen_ref.errors import CheckpointError
+from qwen_ref.json_files import parse_json_text, read_json_file
 from qwen_ref.models.qwen2 import QwenForCausalLM
 
 SAFETENSORS_DTYPES = {
@@ -30,6 +33,7 @@ SAFETENSORS_DTYPES = {
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # Non-persistent buffers some older exports saved; they carry no information the config does not have.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -68,20 +72,16 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
             if n > _MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header length {n}, "
                                       f"file size {size})")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    header = parse_json_text(raw, f"{path}: corrupt safetensors header", CheckpointError, dict)
     data_start = 8 + n
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}: {info!r}") from None
+        dtype, shape, (begin, end) = _header_entry(path, name, info)
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has dtype {dtype}; allowed: {', '.join(SAFETENSORS_DTYPES)}"
@@ -96,18 +96,57 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
                 f"but the file has {size} bytes"
             )
         entries[name] = TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
+    _check_layout(path, entries, data_start, size)
     return entries
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _header_entry(path: Path, name: str, info: Any) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """One tensor's (dtype, shape, data_offsets) from a header, each field checked and named when wrong."""
+    where = f"{path}: corrupt safetensors header entry for {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: expected an object with dtype, shape and data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise CheckpointError(f"{where}: missing {', '.join(missing)}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"{where}: dtype: {json.dumps(dtype)[:80]} is not a string")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape: {json.dumps(shape)[:80]} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) and x >= 0 for x in offsets)):
+        raise CheckpointError(f"{where}: data_offsets: {json.dumps(offsets)[:80]} are not two non-negative integers")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def _check_layout(path: Path, entries: dict[str, TensorEntry], data_start: int, size: int) -> None:
+    """As the safetensors format requires: the tensors' byte ranges, in order, tile the data section exactly,
+    with no overlap (two parameters sharing bytes) and no gap."""
+    at = data_start
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if e.start < at:
+            raise CheckpointError(f"{path}: tensor {name!r} (bytes {e.start - data_start}..{e.end - data_start} of "
+                                  "the data) overlaps the tensor before it")
+        if e.start > at:
+            raise CheckpointError(f"{path}: a gap of {e.start - at} bytes before tensor {name!r}: the offsets do "
+                                  "not cover the data section")
+        at = e.end
+    if at != size:
+        raise CheckpointError(f"{path}: {size - at} bytes after the last tensor: the offsets do not cover the data "
+                              "section")
 
 
 def index_checkpoint(directory: Path) -> dict[str, TensorEntry]:
     """All tensors of a checkpoint directory, single-file or sharded."""
     single, index = directory / SINGLE_FILE, directory / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        weight_map = read_json_file(index, CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> shard file name")
+        shards = sorted(set(weight_map.values()))
         entries: dict[str, TensorEntry] = {}
         for shard in shards:
             shard_path = directory / shard
@@ -138,7 +177,17 @@ def _some(names: list[str], n: int = 20) -> str:
     return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def check_names_and_shapes(model: nn.Module, entries: dict[str, TensorEntry], tied: bool) -> None:
+def _check_layer_count(directory: Path, entries: dict[str, TensorEntry], config: QwenConfig) -> None:
+    present = {int(m.group(1)) for name in entries if (m := _LAYER.match(name))}
+    count = max(present) + 1 if present else 0
+    if count != config.num_hidden_layers or len(present) != count:
+        raise CheckpointError(f"{directory}: the weights do not match config.json: num_hidden_layers is "
+                              f"{config.num_hidden_layers} but the weights hold {len(present)} decoder layers "
+                              f"(indices up to {count - 1})")
+
+
+def check_names_and_shapes(model: nn.Module, entries: dict[str, TensorEntry], tied: bool,
+                           where: Path | str = "checkpoint") -> None:
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     on_disk = {n for n in entries if not n.endswith(_IGNORED_SUFFIXES)}
     if tied:
@@ -158,7 +207,7 @@ def check_names_and_shapes(model: nn.Module, entries: dict[str, TensorEntry], ti
     if misshaped:
         problems.append(f"mis-shaped tensors: {_some(misshaped)}")
     if problems:
-        raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
+        raise CheckpointError(f"{where}: the weights do not match config.json: " + "; ".join(problems))
 
 
 def read_tensor(entry: TensorEntry, handle) -> torch.Tensor:
@@ -186,9 +235,10 @@ def load_weights(
     progress: bool = False,
 ) -> QwenForCausalLM:
     entries = index_checkpoint(directory)
+    _check_layer_count(directory, entries, config)  # before building: a config can claim thousands of layers
     with torch.device("meta"):
         model = QwenForCausalLM(config)
-    check_names_and_shapes(model, entries, config.tie_word_embeddings)
+    check_names_and_shapes(model, entries, config.tie_word_embeddings, directory)
 
     wanted = {name for name, _ in model.named_parameters()}
     by_file: dict[Path, list[str]] = {}

@@ -6,7 +6,6 @@ key into LoRA tensors (per module) and replacements (base parameters PEFT saved 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from qwen_ref.checkpoint.weights import read_safetensors_header, read_tensor
 from qwen_ref.errors import CheckpointError
+from qwen_ref.json_files import read_json_file
 from qwen_ref.lora.config import ADAPTER_CONFIG, AdapterConfig, LoraError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -55,12 +55,7 @@ class LoraAdapter:
                                 f"never loaded. Save the adapter as {ADAPTER_WEIGHTS} (PEFT save_pretrained with "
                                 "safe_serialization=True)")
             raise LoraError(f"adapter {directory}: no {ADAPTER_WEIGHTS}")
-        try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LoraError(f"{cfg_path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise LoraError(f"{cfg_path}: not a JSON object")
+        raw = read_json_file(cfg_path, LoraError)
         config = AdapterConfig.from_dict(raw, str(cfg_path))
         lora, replacements = _split_keys(_read_all(weights), weights)
         return cls(name or directory.name, directory, config, lora, replacements)

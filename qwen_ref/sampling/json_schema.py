@@ -14,7 +14,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from qwen_ref.errors import QwenRefError
+from qwen_ref.errors import FeatureUnavailable, QwenRefError
 
 Whitespace = Literal["bounded", "compact", "flexible"]
 # What may stand between two JSON tokens (llguidance never allows whitespace before or after the value):
@@ -36,7 +36,7 @@ _WRAPPER_KEYS = frozenset({"name", "description", "schema", "strict"})
 _ROOT = "/response_format/json_schema"
 
 
-class JsonModeUnavailable(QwenRefError, ImportError):
+class JsonModeUnavailable(FeatureUnavailable, ImportError):
     """llguidance, which JSON mode needs, is not installed."""
 
 
@@ -110,6 +110,8 @@ def check_schema(schema: Any, path: str) -> None:
     except SchemaError as e:
         where = "".join(f"/{str(p).replace('~', '~0').replace('/', '~1')}" for p in e.absolute_path)
         raise InvalidJsonSchema(path + where, f"not a valid JSON Schema: {e.message}") from None
+    except RecursionError:  # a `pattern` with hundreds of nested groups: Python's regex parser recurses
+        raise InvalidJsonSchema(path, "the schema nests too deeply (a pattern or subschema) to be checked") from None
 
 
 def compile_grammar(schema: dict[str, Any] | bool, path: str, whitespace: Whitespace) -> str:
@@ -122,6 +124,8 @@ def compile_grammar(schema: dict[str, Any] | bool, path: str, whitespace: Whites
     plain = {} if schema is True else {k: v for k, v in schema.items() if k != "x-guidance"}
     try:
         return llg.LLMatcher.grammar_from_json_schema(plain, overrides={**_WHITESPACE[whitespace], **_ESCAPES})
+    except RecursionError:
+        raise InvalidJsonSchema(path, "the schema nests too deeply to compile") from None
     except ValueError as e:
         raise InvalidJsonSchema(path, f"JSON mode cannot use this schema: {e}") from None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -19,13 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from qwen_ref.disk_cache import cache_root
 from qwen_ref.engine import Engine
 from qwen_ref.errors import EngineError, MethodNotAllowed, NoRoute, QwenRefError
 from qwen_ref.qwen import Qwen, load
 from qwen_ref.scripted import Rule, scripted
 from qwen_ref.server.bridge import Served, as_named, lookup
 from qwen_ref.server.completions import completions
-from qwen_ref.server.http import check_auth, error_response
+from qwen_ref.server.http import check_auth, error_response, hide_paths
 from qwen_ref.server.native import run_model
 from qwen_ref.server.openai import chat_completions
 from qwen_ref.server.settings import Settings
@@ -72,6 +74,9 @@ def model_card(name: str) -> dict[str, Any]:
 def create_app(served: Mapping[str, Served], settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     served = dict(served)
+    for s in served.values():
+        hide_paths(s.qwen.path, s.qwen.path.resolve(), getattr(s.qwen.adapters, "directory", None))
+    hide_paths(cache_root(), Path.cwd())
     engines = list({id(s.engine): s.engine for s in served.values()}.values())
 
     async def native(request: Request) -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 from typing import Any
 
@@ -30,21 +31,41 @@ from qwen_ref.errors import (
 )
 from qwen_ref.server.settings import Settings
 
+log = logging.getLogger("qwen_ref.server")
 # the content types a JSON body may arrive with: curl -d sends form-urlencoded, and the service reads it as JSON
 JSON_LIKE_TYPES = ("", "application/json", "text/plain", "application/x-www-form-urlencoded")
 # errors of the request contract, which the service words as "AiError: ..."
 CONTRACT_ERRORS = (InvalidInput, LoraUnavailable, ContextWindowExceeded, JsonModeNotMet)
 
 
+# Server-side directories (the models', the adapters', the cache) never reach a client: create_app adds them, and
+# every error message shown to a client has them replaced by "…" (the server's log keeps the full message).
+HIDDEN_PATHS: set[str] = set()
+
+
+def hide_paths(*paths: Any) -> None:
+    HIDDEN_PATHS.update(str(p) for p in paths if p is not None and len(str(p)) > 1)
+
+
+def _scrub(text: str) -> str:
+    for path in sorted(HIDDEN_PATHS, key=len, reverse=True):
+        text = text.replace(path, "…")
+    return text
+
+
 def message_of(e: Exception) -> str:
-    """The message the service gives for an error (always encodable: a lone surrogate becomes U+FFFD)."""
+    """The message the service gives for an error (always encodable: a lone surrogate becomes U+FFFD; no
+    server-side path)."""
     if isinstance(e, CONTRACT_ERRORS):
         text = f"AiError: {e}"
     elif isinstance(e, QwenRefError) and service_status(e) == service_status(InvalidInput("/", "", "")):
         text = f"AiError: Bad input: {e}"  # another typed error of the request (a template, an adapter file)
     else:
         text = str(e) if isinstance(e, QwenRefError) else f"Internal server error: {type(e).__name__}"
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    scrubbed = _scrub(text)
+    if scrubbed != text:
+        log.info("error shown without server paths: %s", text)
+    return scrubbed.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def bad_input(path: str, detail: str) -> InvalidInput:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import operator
 import os
 from collections.abc import Iterable
@@ -13,6 +12,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from qwen_ref.errors import TokenizerError
+from qwen_ref.json_files import read_json_file
 from qwen_ref.tokenizer.build import UNICODE_TO_BYTE
 
 LONG_TEXT = 4096  # characters from which encode() releases the GIL
@@ -111,12 +111,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> QwenTokenizer | None:
     config_file = directory / "tokenizer_config.json"
     config: Any = {}
     if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_bytes().decode("utf-8"))
-        except (OSError, ValueError) as e:
-            raise TokenizerError(f"{config_file}: not valid JSON ({e})") from e
-        if not isinstance(config, dict):
-            raise TokenizerError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+        config = read_json_file(config_file, TokenizerError)
 
     qt = QwenTokenizer(tokenizer, config, _chat_template(config, directory, config_file))
     for field in ("eos_token", "pad_token"):

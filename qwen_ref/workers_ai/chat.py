@@ -10,6 +10,9 @@ filter that does not escape HTML or non-ASCII text and keeps key order, and the 
 from __future__ import annotations
 
 import json
+import re
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -17,6 +20,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.filters
 import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -98,10 +102,141 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Bounds: a template is operator-supplied code, run once per request. Its rendering may take at most
+# RENDER_TIMEOUT_S (a tracer on the template's own lines checks the clock, so even a loop that calls nothing is
+# stopped) and write at most MAX_RENDER_CHARS; the operations that can build a huge value in one step (repeating a
+# string or list, padding to a width, replace, join, powers) are checked before they run.
+
+MAX_RENDER_CHARS = 16_000_000
+RENDER_TIMEOUT_S = 5.0
+_WIDTH = re.compile(r"%[-+ #0]*(\d+)|\{[^{}]*?:[^{}]*?(\d+)[^{}]*\}")  # widths in %-formats and format specs
+
+
+class TemplateLimitError(ChatTemplateError):
+    """The template ran past its time or size bound."""
+
+
+def _too_big(size: int) -> None:
+    if size > MAX_RENDER_CHARS:
+        raise TemplateLimitError(f"the chat template builds a value of {size} characters or items; at most "
+                                 f"{MAX_RENDER_CHARS}")
+
+
+def _check_widths(fmt: Any) -> None:
+    if isinstance(fmt, str):
+        for match in _WIDTH.finditer(fmt):
+            _too_big(int(match.group(1) or match.group(2)))
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, (str, list, tuple)) else 0
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if _size(seq) and isinstance(n, int):
+                    _too_big(_size(seq) * n)
+        elif operator == "**" and isinstance(right, int) and abs(right) > 4096 and left not in (0, 1, -1):
+            raise TemplateLimitError(f"the chat template raises a number to the power {right}")
+        elif operator == "%":
+            _check_widths(left)
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # jinja's parameter names
+        owner = getattr(__obj, "__self__", None)
+        name = getattr(__obj, "__name__", "")
+        if isinstance(owner, str):
+            if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
+                _too_big(args[0])
+            elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+                _too_big(len(owner) + (owner.count(args[0]) if args[0] else len(owner) + 1) * len(args[1]))
+            elif name in ("format", "format_map"):
+                _check_widths(owner)
+            elif name == "expandtabs":
+                _too_big(len(owner) * (args[0] if args and isinstance(args[0], int) else 8))
+        result = ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
+        _too_big(_size(result))
+        return result
+
+    def wrap_str_format(self, value: Any) -> Any:
+        # str.format / format_map reach templates through this wrapper (not call): widths are checked, in the
+        # format string and among the arguments (a nested width such as "{:{}}")
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        _check_widths(value.__self__)
+
+        def bounded(*args: Any, **kwargs: Any) -> str:
+            for arg in (*args, *kwargs.values()):
+                if isinstance(arg, int) and not isinstance(arg, bool):
+                    _too_big(arg)
+            return wrapped(*args, **kwargs)
+
+        return bounded
+
+
+def _bounded_filter(name: str, width_arg: int) -> Any:
+    original = jinja2.filters.FILTERS[name]
+
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        width = kwargs.get("width", args[width_arg - 1] if len(args) >= width_arg else 0)
+        if isinstance(width, int):
+            lines = str(value).count("\n") + 1
+            _too_big(len(str(value)) + width * lines)
+        if name == "format":
+            _check_widths(value)
+        result = original(value, *args, **kwargs)
+        _too_big(_size(result))
+        return result
+
+    return bounded
+
+
+class _Deadline:
+    """A tracer on the template's compiled lines: past the deadline it raises inside the template."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        self.seconds = seconds
+        self.lines = 0
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> Any:
+        return self._line if frame.f_code.co_filename == _TEMPLATE_FILENAME else None
+
+    def _line(self, frame: Any, event: str, arg: Any) -> Any:
+        self.lines += 1
+        if self.lines % 256 == 0 and time.monotonic() > self.end:
+            raise TemplateLimitError(f"the chat template ran past its time bound of {self.seconds:g}s")
+        return self._line
+
+
+def _render_bounded(compiled: jinja2.Template, variables: dict[str, Any]) -> str:
+    pieces, size = [], 0
+    tracer, previous = _Deadline(RENDER_TIMEOUT_S), sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        for piece in compiled.generate(**variables):
+            size += len(piece)
+            _too_big(size)
+            pieces.append(piece)
+            if time.monotonic() > tracer.end:
+                raise TemplateLimitError(f"the chat template ran past its time bound of {RENDER_TIMEOUT_S:g}s")
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
+    for name, width_arg in (("center", 1), ("indent", 1), ("wordwrap", 1), ("format", 1)):
+        env.filters[name] = _bounded_filter(name, width_arg)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -215,12 +350,12 @@ def render_chat(
             raise ChatTemplateError(f"tools[{i}] must be an object, got {type(tool).__name__}")
     variables = _prepare_special_tokens(special_tokens)
     try:
-        return compiled.render(
-            messages=chat, tools=_plain(tools), documents=None, add_generation_prompt=bool(add_generation_prompt),
-            **variables,
-        )
+        return _render_bounded(compiled, {"messages": chat, "tools": _plain(tools), "documents": None,
+                                          "add_generation_prompt": bool(add_generation_prompt), **variables})
+    except TemplateLimitError as e:
+        raise TemplateLimitError(f"{e}{_where(e)}") from None
     except TemplateRaisedError as e:
         raise TemplateRaisedError(f"the chat template rejected the conversation{_where(e)}: {e}") from None
     except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError,
-            RecursionError) as e:
+            RecursionError, MemoryError) as e:
         raise ChatTemplateError(f"chat template failed{_where(e)}: {type(e).__name__}: {e}") from None

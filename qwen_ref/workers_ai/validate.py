@@ -296,6 +296,8 @@ def _json_schema_problems(schema: Any, path: Path) -> Iterator[_Problem]:
     except SchemaError as error:
         detail = f"not a valid JSON Schema: {error.message}"
         yield _Problem((*path, *error.absolute_path), "jsonSchema", detail)
+    except RecursionError:  # a `pattern` with hundreds of nested groups: Python's regex parser recurses
+        yield _Problem(path, "jsonSchema", "the schema nests too deeply (a pattern or subschema) to be checked")
 
 
 def _response_format_problems(response_format: Any) -> Iterator[_Problem]:
