@@ -35,6 +35,7 @@ class Server:
     def __init__(self, proc: subprocess.Popen, base: str):
         self.proc = proc
         self.base = base
+        self.port = 0
         self.auth = {"Authorization": f"Bearer {TOKEN}"}
 
     def run_url(self, model: str, account: str = "your-account-id") -> str:
@@ -73,13 +74,19 @@ def qwen25_fixture(tiny):
 
 
 def _start_server(tiny) -> Server:
+    return start_server(["--max-body-bytes", str(MAX_BODY), "--timeout", "60", "--name", f"tiny={tiny('qwen2.5')}",
+                         "--name", f"{QWEN15}={tiny('qwen1.5')}"])
+
+
+def start_server(args: list[str]) -> Server:
+    """`python -m qwen_ref.server` with TOKEN, one thread and these flags, on a free port, once it answers."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "qwen_ref.server", "--port", str(port), "--api-token", TOKEN,
-           "--max-body-bytes", str(MAX_BODY), "--timeout", "60", "--threads", "1",
-           "--name", f"tiny={tiny('qwen2.5')}", "--name", f"{QWEN15}={tiny('qwen1.5')}"]
+    cmd = [sys.executable, "-m", "qwen_ref.server", "--port", str(port), "--api-token", TOKEN, "--threads", "1",
+           *args]
     env = {**os.environ, "QWEN_REF_API_TOKEN": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     s = Server(proc, f"http://127.0.0.1:{port}")
+    s.port = port
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
@@ -94,7 +101,7 @@ def _start_server(tiny) -> Server:
     return s
 
 
-def _stop_server(s: Server) -> None:
+def stop_server(s: Server) -> None:
     proc = s.proc
     proc.terminate()
     try:
@@ -114,4 +121,4 @@ def srv_fixture(tiny):
         _SERVERS.append(_start_server(tiny))
     yield _SERVERS[0]
     while _SERVERS:
-        _stop_server(_SERVERS.pop())
+        stop_server(_SERVERS.pop())

@@ -7,23 +7,19 @@ history back and read the answer."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from server_helpers import (
     QWEN15,
     TOKEN,
-    Server,
-    _free_port,
-    _stop_server,
     one_thread_fixture,  # noqa: F401 (a fixture)
     qwen15_fixture,  # noqa: F401 (a fixture)
     srv_fixture,  # noqa: F401 (a fixture)
+    start_server,
+    stop_server,
 )
 
 requests = pytest.importorskip("requests")
@@ -50,24 +46,9 @@ WEATHER_TOOL = {"type": "function", "function": {
 def scripted_srv(tiny, tmp_path_factory):
     script = tmp_path_factory.mktemp("script") / "replies.json"
     script.write_text(json.dumps(RULES))
-    port = _free_port()
-    cmd = [sys.executable, "-m", "qwen_ref.server", "--port", str(port), "--api-token", TOKEN, "--threads", "1",
-           "--timeout", "60", "--script", str(script), "--name", f"{CODER}={tiny('qwen2.5')}"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "QWEN_REF_API_TOKEN": ""}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    srv = Server(proc, f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        try:
-            if requests.get(f"{srv.base}/v1/models", headers=srv.auth, timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.2)
+    srv = start_server(["--timeout", "60", "--script", str(script), "--name", f"{CODER}={tiny('qwen2.5')}"])
     yield srv
-    _stop_server(srv)
+    stop_server(srv)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -123,6 +123,17 @@ BAD_REQUESTS = [
     ("completion-unknown-arg", "POST", COMPLETIONS, AUTH, _completion(wibble=1), 400, 5006),
     ("completion-unknown-model", "POST", COMPLETIONS, AUTH, _completion(model="davinci-002"), 400, 5007),
     ("completion-no-token", "POST", COMPLETIONS, JSON_TYPE, _completion(), 401, 10000),
+    # hostile input (#15): refused before any expensive work, with bodies that always encode
+    ("5000-messages", "POST", RUN, AUTH, _body({"messages": [{"role": "user", "content": ""}] * 5000}), 400, 5006),
+    ("300-tools", "POST", RUN, AUTH, _body({"messages": [{"role": "user", "content": "hi"}],
+                                           "tools": [{"name": "f"}] * 300}), 400, 5006),
+    ("surrogate-prompt", "POST", RUN, AUTH, b'{"prompt": "\\ud800"}', 400, 5006),
+    ("surrogate-tool-name", "POST", RUN, AUTH,
+     b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"name": "\\udfff"}]}', 400, 5006),
+    ("surrogate-chat", "POST", CHAT, AUTH, _chat().replace(b'"hi"', b'"\\ud800"'), 400, 5006),
+    ("deep-regex-pattern", "POST", RUN, AUTH, _body({"prompt": "x", "response_format": {
+        "type": "json_schema", "json_schema": {"type": "string", "pattern": "(" * 500 + "a" + ")" * 500}}}),
+     400, 5006),
 ]
 
 

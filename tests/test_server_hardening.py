@@ -5,15 +5,12 @@ server keeps answering."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from server_helpers import TOKEN, Server, _free_port, _stop_server
+from server_helpers import TOKEN, start_server, stop_server
 
 import qwen_ref
 from qwen_ref.errors import ContextWindowExceeded, InvalidInput
@@ -123,26 +120,10 @@ def test_long_texts_are_tokenized_without_holding_the_gil(qwen25):
 
 @pytest.fixture(scope="module")
 def hard_srv(tiny):
-    port = _free_port()
-    cmd = [sys.executable, "-m", "qwen_ref.server", "--port", str(port), "--api-token", TOKEN, "--threads", "1",
-           "--header-timeout", "1", "--body-timeout", "1", "--max-connections", "6", "--max-messages", "8",
-           "--name", f"tiny={tiny('qwen2.5')}"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "QWEN_REF_API_TOKEN": ""}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    srv = Server(proc, f"http://127.0.0.1:{port}")
-    srv.port = port
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        try:
-            if requests.get(f"{srv.base}/v1/models", headers=srv.auth, timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.2)
+    srv = start_server(["--header-timeout", "1", "--body-timeout", "1", "--max-connections", "6",
+                        "--max-messages", "8", "--name", f"tiny={tiny('qwen2.5')}"])
     yield srv
-    _stop_server(srv)
+    stop_server(srv)
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
@@ -253,3 +234,87 @@ def test_json_mode_without_llguidance_is_the_servers_fault(tiny, tmp_path, monke
                                                               "response_format": {"type": "json_object"}})
     assert r.status_code == 501 and "llguidance" in r.json()["errors"][0]["message"]
     assert "Bad input" not in r.json()["errors"][0]["message"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat templates: every render runs in the bounded worker process (workers_ai/template_worker.py)
+
+HOSTILE_TEMPLATES = [
+    ("nested-empty-loops", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"),
+    ("repeat", "{{ 'x' * 2000000000 }}"),
+    ("concat-doubling", "{% set ns = namespace(s='x' * 1000000) %}{% for i in range(40) %}"
+                        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"),
+    ("join-repeated-list", "{{ (['x' * 10000000] * 15)|join }}"),
+    ("replace-filter", "{{ ('a' * 1000000)|replace('a', 'a' * 1000) }}"),
+    ("tojson-indent", "{{ messages|tojson(indent=300000000) }}"),
+    ("star-width", "{{ '%*d' % (50000000, 1) }}"),
+    ("precision", "{{ '%.50000000d' % 1 }}"),
+    ("nested-power", "{{ ((2 ** 4096) ** 4096) ** 4096 }}"),
+    ("indent-string-width", "{{ 'a\\nb'|indent('a' * 300000000) }}"),
+    ("sum-of-lists", "{{ ([['x'] * 10000000] * 30)|sum(start=[])|length }}"),
+    ("sort-huge-list", "{{ (['y', 'x'] * 7000000)|sort|first }}"),
+]
+
+
+@pytest.mark.parametrize("template", [t for _, t in HOSTILE_TEMPLATES], ids=[i for i, _ in HOSTILE_TEMPLATES])
+def test_hostile_templates_fail_alone_in_bounded_time_and_memory(template, monkeypatch):
+    import resource
+
+    from qwen_ref.workers_ai import template_worker
+    from qwen_ref.workers_ai.chat import ChatTemplateError
+
+    monkeypatch.setattr(template_worker, "KILL_AFTER_S", 8.0)
+    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+    with pytest.raises(ChatTemplateError):
+        template_worker.render(template, ASK)
+    assert time.monotonic() - started < 15
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: this process's peak
+    assert template_worker.render("{{ messages[0].content }}", ASK) == "hi"  # the worker serves the next one
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ("{{ 'hello world'|wordwrap(5) }}", "hello\nworld"),
+    ("{{ '{}'.format(1700000000) }}", "1700000000"),
+    ("{{ '%d'|format(1700000000) }}", "1700000000"),
+    ("{{ '%s=%05.1f' % ('x', 2.5) }}", "x=002.5"),
+    ("{{ '{:>5}|{:{}}'.format('a', 'b', 3) }}", "    a|b  "),
+    ("{{ 'a\nb'|indent(2) }}", "a\n  b"),
+    ("{{ 'x'|center(5) }}", "  x  "),
+    ("{{ messages|tojson(indent=2)|length > 0 }}", "True"),
+])
+def test_ordinary_template_operations_are_unchanged(template, expected):
+    from qwen_ref.workers_ai import template_worker
+    from qwen_ref.workers_ai.chat import render_chat
+
+    assert template_worker.render(template, ASK) == render_chat(template, ASK) == expected
+
+
+def test_pipelined_requests_are_not_cut_by_the_header_deadline():
+    from qwen_ref.server.deadlines import protocol_with_deadline
+
+    class Cycle:
+        response_complete = False
+
+    class Transport:
+        closed = False
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+    protocol = object.__new__(protocol_with_deadline(1.0))
+    protocol.transport, protocol.cycle = Transport(), Cycle()
+    protocol._late(protocol.cycle)  # the timer saw this request start (pipelined): it is in flight
+    assert not protocol.transport.closed
+    protocol.cycle.response_complete = True
+    protocol._late(protocol.cycle)  # answered, and no new request's headers since: closed
+    assert protocol.transport.closed
+
+
+def test_every_string_in_the_messages_counts_toward_the_limit(qwen25):
+    call = {"name": "f", "arguments": {"x": "a" * 2_000_000}}
+    body = {"messages": [*ASK, {"role": "assistant", "content": "", "tool_calls": [call]}, *ASK]}
+    with pytest.raises(InvalidInput, match="characters of text"):
+        prepare(qwen25, body)

@@ -75,7 +75,7 @@ def create_app(served: Mapping[str, Served], settings: Settings | None = None) -
     settings = settings or Settings()
     served = dict(served)
     for s in served.values():
-        hide_paths(s.qwen.path, s.qwen.path.resolve(), getattr(s.qwen.adapters, "directory", None))
+        hide_paths(s.qwen.path, getattr(s.qwen.adapters, "directory", None))
     hide_paths(cache_root(), Path.cwd())
     engines = list({id(s.engine): s.engine for s in served.values()}.values())
 

@@ -35,8 +35,9 @@ class _DeadlineProtocol(H11Protocol):
         self._header_timer = self.loop.call_later(self.header_timeout + extra_s, self._late, waiting_after)
 
     def _late(self, waiting_after: Any) -> None:
-        if self.cycle is waiting_after and not self.transport.is_closing():  # no new request's headers came
-            self.transport.close()
+        in_flight = self.cycle is not None and not self.cycle.response_complete  # (pipelined: started already)
+        if self.cycle is waiting_after and not in_flight and not self.transport.is_closing():
+            self.transport.close()  # no new request's headers came
 
 
 def protocol_with_deadline(header_timeout: float) -> type[H11Protocol]:

@@ -12,6 +12,8 @@ import hmac
 import json
 import logging
 import math
+import re
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -32,6 +34,7 @@ from qwen_ref.errors import (
 from qwen_ref.server.settings import Settings
 
 log = logging.getLogger("qwen_ref.server")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # the content types a JSON body may arrive with: curl -d sends form-urlencoded, and the service reads it as JSON
 JSON_LIKE_TYPES = ("", "application/json", "text/plain", "application/x-www-form-urlencoded")
 # errors of the request contract, which the service words as "AiError: ..."
@@ -44,7 +47,12 @@ HIDDEN_PATHS: set[str] = set()
 
 
 def hide_paths(*paths: Any) -> None:
-    HIDDEN_PATHS.update(str(p) for p in paths if p is not None and len(str(p)) > 1)
+    """Hide these directories (absolute, resolved: a relative "model" would hide the word everywhere)."""
+    for path in paths:
+        if path is not None:
+            for form in {str(Path(path).absolute()), str(Path(path).resolve())}:
+                if len(form) > 1:
+                    HIDDEN_PATHS.add(form)
 
 
 def _scrub(text: str) -> str:
@@ -65,7 +73,7 @@ def message_of(e: Exception) -> str:
     scrubbed = _scrub(text)
     if scrubbed != text:
         log.info("error shown without server paths: %s", text)
-    return scrubbed.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return _SURROGATE.sub("\ufffd", scrubbed)
 
 
 def bad_input(path: str, detail: str) -> InvalidInput:

@@ -110,7 +110,10 @@ class _GenerationTag(jinja2.ext.Extension):
 
 MAX_RENDER_CHARS = 16_000_000
 RENDER_TIMEOUT_S = 5.0
-_WIDTH = re.compile(r"%[-+ #0]*(\d+)|\{[^{}]*?:[^{}]*?(\d+)[^{}]*\}")  # widths in %-formats and format specs
+# a %-conversion ("%-10.3f", "%*d") and a format field's spec ("{:>10}", "{0:{1}}"): the numbers in them are
+# widths and precisions, and a "*" or a nested "{...}" takes one from the arguments
+_PERCENT = re.compile(r"%[#0\- +]*(?:\*|\d*)(?:\.(?:\*|\d*))?[a-zA-Z%]")
+_FIELD = re.compile(r"\{[^{}]*?:((?:[^{}]|\{[^{}]*\})*)\}")
 
 
 class TemplateLimitError(ChatTemplateError):
@@ -123,10 +126,19 @@ def _too_big(size: int) -> None:
                                  f"{MAX_RENDER_CHARS}")
 
 
-def _check_widths(fmt: Any) -> None:
-    if isinstance(fmt, str):
-        for match in _WIDTH.finditer(fmt):
-            _too_big(int(match.group(1) or match.group(2)))
+def _check_widths(fmt: Any, args: Any = ()) -> None:
+    """The widths and precisions a format string asks for, its own and those taken from the arguments."""
+    if not isinstance(fmt, str):
+        return
+    specs = [m.group(0) for m in _PERCENT.finditer(fmt)] + [m.group(1) for m in _FIELD.finditer(fmt)]
+    for spec in specs:
+        for number in re.findall(r"\d+", spec):
+            _too_big(int(number))
+    if any("*" in spec or "{" in spec for spec in specs):
+        values = args.values() if isinstance(args, Mapping) else args if isinstance(args, (list, tuple)) else (args,)
+        for value in values:
+            if isinstance(value, int) and not isinstance(value, bool):
+                _too_big(value)
 
 
 def _size(value: Any) -> int:
@@ -144,7 +156,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         elif operator == "**" and isinstance(right, int) and abs(right) > 4096 and left not in (0, 1, -1):
             raise TemplateLimitError(f"the chat template raises a number to the power {right}")
         elif operator == "%":
-            _check_widths(left)
+            _check_widths(left, right)
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # jinja's parameter names
@@ -155,8 +167,6 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
                 _too_big(args[0])
             elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
                 _too_big(len(owner) + (owner.count(args[0]) if args[0] else len(owner) + 1) * len(args[1]))
-            elif name in ("format", "format_map"):
-                _check_widths(owner)
             elif name == "expandtabs":
                 _too_big(len(owner) * (args[0] if args and isinstance(args[0], int) else 8))
         result = ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
@@ -169,31 +179,35 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         wrapped = super().wrap_str_format(value)
         if wrapped is None:
             return None
-        _check_widths(value.__self__)
 
         def bounded(*args: Any, **kwargs: Any) -> str:
-            for arg in (*args, *kwargs.values()):
-                if isinstance(arg, int) and not isinstance(arg, bool):
-                    _too_big(arg)
+            _check_widths(value.__self__, (*args, *kwargs.values()))
             return wrapped(*args, **kwargs)
 
         return bounded
 
 
-def _bounded_filter(name: str, width_arg: int) -> Any:
+def _bounded_filter(name: str) -> Any:
     original = jinja2.filters.FILTERS[name]
+    passed = getattr(original, "jinja_pass_arg", None)  # the environment or context jinja passes first
 
-    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
-        width = kwargs.get("width", args[width_arg - 1] if len(args) >= width_arg else 0)
-        if isinstance(width, int):
-            lines = str(value).count("\n") + 1
-            _too_big(len(str(value)) + width * lines)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        lead = 1 if passed is not None else 0
+        value, rest = args[lead], args[lead + 1 :]
         if name == "format":
-            _check_widths(value)
-        result = original(value, *args, **kwargs)
+            _check_widths(value, rest)
+        else:  # center(width), indent(width), wordwrap(width): at most width more characters a line
+            width = kwargs.get("width", rest[0] if rest else 0)
+            if isinstance(width, str):
+                width = len(width)
+            if isinstance(width, int):
+                _too_big(len(str(value)) + width * (str(value).count("\n") + 1))
+        result = original(*args, **kwargs)
         _too_big(_size(result))
         return result
 
+    if passed is not None:
+        bounded.jinja_pass_arg = passed  # type: ignore[attr-defined]
     return bounded
 
 
@@ -235,8 +249,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
     env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
-    for name, width_arg in (("center", 1), ("indent", 1), ("wordwrap", 1), ("format", 1)):
-        env.filters[name] = _bounded_filter(name, width_arg)
+    for name in ("center", "indent", "wordwrap", "format"):
+        env.filters[name] = _bounded_filter(name)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

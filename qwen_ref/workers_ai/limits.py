@@ -28,16 +28,19 @@ DEFAULT_LIMITS = Limits()
 
 
 def _texts(inputs: dict[str, Any]) -> int:
-    """Characters of the prompt or of the messages' text (strings, or OpenAI-style text parts)."""
+    """Characters of the prompt, or of every string value in the messages (content, earlier tool calls' names
+    and arguments, ...): whatever a template may render. Bounded by the request's depth limit (validation)."""
     if isinstance(inputs.get("prompt"), str):
         return len(inputs["prompt"])
-    total = 0
-    for message in inputs.get("messages") or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    total, stack = 0, [inputs.get("messages")]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return total
 
 

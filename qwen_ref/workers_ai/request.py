@@ -16,7 +16,8 @@ from qwen_ref.errors import ContextWindowExceeded, InvalidInput, InvalidSampling
 from qwen_ref.qwen import Qwen
 from qwen_ref.sampling import SAMPLING_FIELDS, RequestState, SamplingParams
 from qwen_ref.sampling.json_mask import InvalidJsonSchema, JsonConstraint
-from qwen_ref.workers_ai.chat import ChatTemplateError, render_chat, template_special_tokens
+from qwen_ref.workers_ai import template_worker
+from qwen_ref.workers_ai.chat import ChatTemplateError, template_special_tokens
 from qwen_ref.workers_ai.limits import DEFAULT_LIMITS, Limits, check_fits, check_limits
 from qwen_ref.workers_ai.tools import (
     ToolSpecError,
@@ -94,8 +95,8 @@ def prompt_text(qwen: Qwen, inputs: dict[str, Any], where: str = "") -> tuple[st
     if tok.chat_template is None:
         raise _bad(where, "/", "chat_template", "the checkpoint has no chat template; send a prompt with raw: true")
     try:
-        text = render_chat(tok.chat_template, messages, tools=tools or None, add_generation_prompt=True,
-                           special_tokens=template_special_tokens(tok.config))
+        text = template_worker.render(tok.chat_template, messages, tools=tools or None, add_generation_prompt=True,
+                                      special_tokens=template_special_tokens(tok.config))
     except ChatTemplateError as e:
         raise _bad(where, "/messages" if "messages" in inputs else "/prompt", "chat_template", str(e)) from None
     return text, tool_names(tools)
