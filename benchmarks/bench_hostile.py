@@ -2,6 +2,7 @@
 
     python benchmarks/bench_hostile.py                 # tiny model, 10 rounds
     python benchmarks/bench_hostile.py --rounds 20
+    python benchmarks/bench_hostile.py --baseline-tree /tmp/before   # also the server of another checkout
 
 Starts `python -m qwen_ref.server` on a free loopback port. Each round sends the small streamed request alone,
 then again while `--hostile` clients each send one of the hostile bodies below in a loop: a prompt of 8 MB
@@ -25,7 +26,7 @@ import httpx
 from bench_server import percentiles, start_server
 
 HOSTILE: list[Any] = [
-    {"prompt": "word " * 1_700_000},  # 8.5 MB
+    {"prompt": "word " * 1_600_000},  # 8 MB, under the 8 MiB body limit
     {"prompt": "Hello world, this is some text. " * 28_000},  # 900,000 characters
     {"messages": [{"role": "user", "content": ""}] * 200_000},
     {"messages": [{"role": "user", "content": "hi"}], "tools": [{"name": "f"}] * 10_000},
@@ -44,8 +45,14 @@ def main() -> None:
     parser.add_argument("--source", default="tiny")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--hostile", type=int, default=4, help="concurrent hostile clients (default 4)")
+    parser.add_argument("--baseline-tree", default=None, help="also run the server of this checkout (same load)")
     args = parser.parse_args()
-    proc, base = start_server(args.source, "exact", 1, 16)
+    for tree in [None, args.baseline_tree] if args.baseline_tree else [None]:
+        run(args, tree)
+
+
+def run(args: argparse.Namespace, tree: str | None) -> None:
+    proc, base = start_server(args.source, "exact", 1, 16, tree)
     url = f"{base}/ai/run/bench"
     bodies = [json.dumps(b).encode() for b in HOSTILE]
     answers: Counter[str] = Counter()
@@ -71,7 +78,7 @@ def main() -> None:
             stop.set()
             for t in threads:
                 t.join()
-        print(json.dumps({"bench": "hostile", "source": args.source, "rounds": args.rounds,
+        print(json.dumps({"bench": "hostile", "tree": tree or "this", "source": args.source, "rounds": args.rounds,
                           "hostile_clients": args.hostile,
                           "latency_alone_s": percentiles(alone), "latency_under_attack_s": percentiles(busy),
                           "ratio_p50": round(statistics.median(busy) / statistics.median(alone), 3),
