@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qwen_ref.checkpoint.weights import OFFLOADS
 from qwen_ref.dtypes import DTYPES
 from qwen_ref.errors import QwenRefError
 from qwen_ref.lora import write_merged_checkpoint
@@ -54,6 +55,9 @@ def add_load_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> No
     p.add_argument("--lora-dir", default=None, help="a directory of named LoRA adapters for the request's lora")
     p.add_argument("--kernels", choices=list(KERNELS), default="torch",
                    help="torch (default): the PyTorch ops; triton: the Triton kernels; auto: triton on CUDA")
+    p.add_argument("--offload", choices=list(OFFLOADS), default="none",
+                   help="none (default); disk: the decoder layers stay in the safetensors files and stream "
+                        "through memory one at a time (same logits; for checkpoints larger than memory)")
     p.add_argument("--decode-linear", choices=list(DECODE_LINEARS), default="torch",
                    help="torch (default): BLAS, decode logits bit-equal to transformers; invariant: the "
                         "batch-invariant CPU kernel (faster in bfloat16; see docs/performance.md)")
@@ -62,7 +66,7 @@ def add_load_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> No
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """qwen_ref.load's keyword arguments from the shared load flags."""
     return {"device": args.device, "dtype": args.dtype, "lora": args.lora, "lora_dir": args.lora_dir,
-            "kernels": args.kernels, "decode_linear": args.decode_linear}
+            "kernels": args.kernels, "decode_linear": args.decode_linear, "offload": args.offload}
 
 
 def _load(args: argparse.Namespace) -> Qwen:

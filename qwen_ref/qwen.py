@@ -11,7 +11,7 @@ import torch
 
 from qwen_ref import known_models
 from qwen_ref.checkpoint.sources import resolve_source
-from qwen_ref.checkpoint.weights import load_weights, parse_dtype
+from qwen_ref.checkpoint.weights import check_offload, load_weights, parse_dtype
 from qwen_ref.config import QwenConfig
 from qwen_ref.errors import CheckpointError, ConfigError
 from qwen_ref.json_files import read_json_file
@@ -81,12 +81,15 @@ def load(
     lora_dir: str | os.PathLike[str] | None = None,
     kernels: str = "torch",
     decode_linear: str = "torch",
+    offload: str = "none",
 ) -> Qwen:
     """lora: an adapter directory (or a name in lora_dir) merged into the weights; lora_dir: a directory of
     named adapters that a request's `lora` field selects, applied unmerged to that request's rows (with lora_dir,
     `lora` is the adapter of requests that name none, also applied per row, never merged; see docs/lora.md).
     decode_linear: "torch" (BLAS; decode logits bit-equal to transformers) or "invariant" (the batch-invariant
-    CPU kernel: exact batched decoding at batch speed, and bfloat16 at memory speed; see docs/performance.md)."""
+    CPU kernel: exact batched decoding at batch speed, and bfloat16 at memory speed; see docs/performance.md).
+    offload: "none" (default) or "disk": the decoder layers stay in the safetensors files and each is read in
+    just before it runs (checkpoint/offload.py; docs/scale.md): the same logits, a fraction of the memory."""
     path, known = resolve_source(source)
     config = QwenConfig.from_file(path / "config.json")
     torch_dtype = parse_dtype(dtype, config)
@@ -95,7 +98,13 @@ def load(
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"device: {device!r} is not a valid torch device ({e})") from None
     check_backend_options(kernels, decode_linear, device, torch_dtype)  # before any weight is read
-    model = load_weights(path, config, dtype=torch_dtype, device=device, progress=progress)
+    check_offload(offload)
+    merged_lora = lora is not None and lora_dir is None
+    if offload != "none" and (merged_lora or decode_linear != "torch" or kernels != "torch"):
+        raise CheckpointError("offload='disk' streams the weights from the files as they are: it does not combine "
+                              "with a merged lora (use lora_dir: adapters apply per row), decode_linear='invariant' "
+                              "or Triton kernels")
+    model = load_weights(path, config, dtype=torch_dtype, device=device, progress=progress, offload=offload)
     tokenizer = load_tokenizer(path)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(

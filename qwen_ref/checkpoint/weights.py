@@ -226,6 +226,14 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
 
 
+OFFLOADS = ("none", "disk")
+
+
+def check_offload(offload: str) -> None:
+    if offload not in OFFLOADS:
+        raise CheckpointError(f"offload: {offload!r} is not supported; allowed: {', '.join(map(repr, OFFLOADS))}")
+
+
 def load_weights(
     directory: Path,
     config: QwenConfig,
@@ -233,14 +241,19 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    offload: str = "none",
 ) -> QwenForCausalLM:
+    """The model with its weights read in; offload="disk": the decoder layers stay in the files and stream
+    through memory one at a time (checkpoint/offload.py)."""
     entries = index_checkpoint(directory)
     _check_layer_count(directory, entries, config)  # before building: a config can claim thousands of layers
     with torch.device("meta"):
         model = QwenForCausalLM(config)
     check_names_and_shapes(model, entries, config.tie_word_embeddings, directory)
 
-    wanted = {name for name, _ in model.named_parameters()}
+    check_offload(offload)
+    wanted = {name for name, _ in model.named_parameters()
+              if offload == "none" or not name.startswith("model.layers.")}
     by_file: dict[Path, list[str]] = {}
     for name in sorted(wanted, key=lambda n: entries[n].start):
         by_file.setdefault(entries[name].file, []).append(name)
@@ -260,4 +273,8 @@ def load_weights(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
     model.requires_grad_(False)
+    if offload == "disk":
+        from qwen_ref.checkpoint.offload import LayerStreamer  # it reads tensors with this module's read_tensor
+
+        model.streamer = LayerStreamer(model, entries, dtype, device)
     return model

@@ -42,9 +42,12 @@ def next_token_logits(qwen: Qwen, ids: Sequence[int], first: int, chunk: int = C
     """The logits [V] that predict ids[i], for i = first .. len(ids) - 1. The whole sequence goes through the KV
     cache `chunk` tokens per forward, at multiples of `chunk`, with every position's logits from the chunk's own
     lm_head product: the chunks, and so the numbers, of the engine's prefill with prompt logprobs (a server's
-    echo + logprobs) when `chunk` is its prefill_chunk. Chunks before `first` only fill the cache."""
+    echo + logprobs) when `chunk` is its prefill_chunk. Chunks before `first` only fill the cache. A model loaded
+    with offload="disk" runs the whole sequence as one chunk (one read of the weights)."""
     if not 1 <= first < len(ids):
         return
+    if getattr(qwen.model, "streamer", None) is not None:
+        chunk = len(ids)  # offload="disk": every pass streams all the weights, so the sequence is one pass
     device = qwen.device
     cache = KVCache(qwen.model.config, 1, len(ids), dtype=qwen.dtype, device=device)
     for start in range(0, len(ids), chunk):
