@@ -68,3 +68,15 @@ def test_the_cli_takes_offload(tiny):
             for extra in ([], ["--offload", "disk"])]
     assert all(r.returncode == 0 for r in runs), runs[1].stderr
     assert json.loads(runs[0].stdout) == json.loads(runs[1].stdout)
+
+
+def test_sharded_checkpoints_stream_too(tmp_path):
+    from qwen_ref.checkpoint.tiny import PRESETS, make_tiny_checkpoint, write_sharded_checkpoint
+
+    # one shard per layer, written tensor by tensor: the same random weights as the single-file checkpoint
+    sharded = write_sharded_checkpoint(PRESETS["qwen2.5"].config, tmp_path / "sharded", dtype="float32")
+    single = make_tiny_checkpoint("qwen2.5", tmp_path / "single")
+    ids = torch.tensor([list(range(300, 340))])
+    expected = qwen_ref.load(single).model(ids)
+    assert torch.equal(qwen_ref.load(sharded, offload="disk").model(ids), expected)
+    assert torch.equal(qwen_ref.load(sharded).model(ids), expected)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,12 @@ FORMAT_VERSION = 1  # bump when presets or the weight recipe change, so caches r
 
 def random_state_dict(config: QwenConfig, seed: int) -> dict[str, torch.Tensor]:
     """Weights with spread enough that logits are well separated (std ~3) and attention is not uniform."""
+    return dict(random_tensors(config, seed))
+
+
+def random_tensors(config: QwenConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """random_state_dict's tensors one at a time, in its order (a checkpoint larger than memory is written as
+    they come)."""
     g = torch.Generator().manual_seed(seed)
     h, inter = config.hidden_size, config.intermediate_size
     q_out = config.num_attention_heads * config.head_dim
@@ -102,25 +109,59 @@ def random_state_dict(config: QwenConfig, seed: int) -> dict[str, torch.Tensor]:
     def linear(out: int, inp: int) -> torch.Tensor:
         return normal(out, inp, std=1 / math.sqrt(inp))
 
-    sd = {"model.embed_tokens.weight": normal(config.vocab_size, h, std=3 / math.sqrt(h))}
+    yield "model.embed_tokens.weight", normal(config.vocab_size, h, std=3 / math.sqrt(h))
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = 1 + normal(h, std=0.1)
-        sd[p + "self_attn.q_proj.weight"] = linear(q_out, h)
-        sd[p + "self_attn.q_proj.bias"] = normal(q_out, std=0.1)
-        sd[p + "self_attn.k_proj.weight"] = linear(kv_out, h)
-        sd[p + "self_attn.k_proj.bias"] = normal(kv_out, std=0.1)
-        sd[p + "self_attn.v_proj.weight"] = linear(kv_out, h)
-        sd[p + "self_attn.v_proj.bias"] = normal(kv_out, std=0.1)
-        sd[p + "self_attn.o_proj.weight"] = linear(h, q_out)
-        sd[p + "post_attention_layernorm.weight"] = 1 + normal(h, std=0.1)
-        sd[p + "mlp.gate_proj.weight"] = linear(inter, h)
-        sd[p + "mlp.up_proj.weight"] = linear(inter, h)
-        sd[p + "mlp.down_proj.weight"] = linear(h, inter)
-    sd["model.norm.weight"] = 1 + normal(h, std=0.1)
+        yield p + "input_layernorm.weight", 1 + normal(h, std=0.1)
+        yield p + "self_attn.q_proj.weight", linear(q_out, h)
+        yield p + "self_attn.q_proj.bias", normal(q_out, std=0.1)
+        yield p + "self_attn.k_proj.weight", linear(kv_out, h)
+        yield p + "self_attn.k_proj.bias", normal(kv_out, std=0.1)
+        yield p + "self_attn.v_proj.weight", linear(kv_out, h)
+        yield p + "self_attn.v_proj.bias", normal(kv_out, std=0.1)
+        yield p + "self_attn.o_proj.weight", linear(h, q_out)
+        yield p + "post_attention_layernorm.weight", 1 + normal(h, std=0.1)
+        yield p + "mlp.gate_proj.weight", linear(inter, h)
+        yield p + "mlp.up_proj.weight", linear(inter, h)
+        yield p + "mlp.down_proj.weight", linear(h, inter)
+    yield "model.norm.weight", 1 + normal(h, std=0.1)
     if not config.tie_word_embeddings:
-        sd["lm_head.weight"] = normal(config.vocab_size, h, std=3 / math.sqrt(h))
-    return sd
+        yield "lm_head.weight", normal(config.vocab_size, h, std=3 / math.sqrt(h))
+
+
+def write_sharded_checkpoint(config: QwenConfig, out_dir: str | Path, *, flavor: str = "qwen2.5", seed: int = 0,
+                             dtype: str = "bfloat16") -> Path:
+    """A random-weight checkpoint of any shapes, one safetensors shard per decoder layer (plus one for the rest)
+    and an index, written tensor by tensor: a checkpoint larger than memory (benchmarks/bench_offload.py)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = replace(config, torch_dtype=dtype)
+    torch_dtype = getattr(torch, dtype)
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    weight_map: dict[str, str] = {}
+
+    def flush(shard: str) -> None:
+        save_file(shards.pop(shard), str(out / shard), metadata={"format": "pt"})
+
+    for name, tensor in random_tensors(config, seed):
+        layer = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        shard = f"model-{layer}.safetensors"
+        if shard not in shards:
+            for done in [s for s in shards if s != "model-rest.safetensors"]:
+                flush(done)
+            shards[shard] = {}
+        shards[shard][name] = tensor.to(torch_dtype).contiguous()
+        weight_map[name] = shard
+    for shard in list(shards):
+        flush(shard)
+    _write_json(out / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+    hf_config = config.to_hf_dict()
+    hf_config["transformers_version"] = "4.43.1"
+    _write_json(out / "config.json", hf_config)
+    for f in sorted(default_tokenizer_dir(flavor).iterdir()):
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
+    return out
 
 
 def make_tiny_checkpoint(preset: str, out_dir: str | Path, *, seed: int = 0, dtype: str | None = None,
