@@ -1,0 +1,1 @@
+"""Running one model over several processes: tensor parallelism (tp.py) and its launcher (launch.py)."""
