@@ -14,7 +14,7 @@ Numerics: a row-parallel product is N partial sums over 1/N of the inputs each, 
 one rank sums all the inputs in one BLAS call. The additions happen in another order, so TP logits equal one
 rank's to float rounding, not bit for bit (float32 within 1e-5, float64 within 1e-12; tests/test_tensor_parallel.py).
 
-Each rank reads only its slices from the safetensors files, through a memory map: no full tensor is built.
+Each rank reads only its slices from the safetensors files, straight into its tensors: no full tensor is built.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qwen_ref.checkpoint.weights import SAFETENSORS_DTYPES, TensorEntry, check_names_and_shapes, index_checkpoint
+from qwen_ref.checkpoint.weights import (
+    SAFETENSORS_DTYPES,
+    TensorEntry,
+    check_names_and_shapes,
+    index_checkpoint,
+    read_tensor,
+)
 from qwen_ref.config import QwenConfig
 from qwen_ref.errors import CheckpointError
 from qwen_ref.models.qwen2 import Pass, QwenForCausalLM
@@ -80,17 +86,35 @@ def _split(name: str) -> int | None:
 
 
 def read_slice(entry: TensorEntry, dim: int | None, rank: int, world: int) -> torch.Tensor:
-    """This rank's 1/world of a tensor along `dim` (all of it for None), read through a memory map."""
-    itemsize = SAFETENSORS_DTYPES[entry.dtype].itemsize
-    raw = np.memmap(entry.file, dtype=np.uint8, mode="r", offset=entry.start, shape=(entry.end - entry.start,))
-    array = raw.reshape(*entry.shape, itemsize)  # [..., bytes of one element]
-    if dim is not None:
-        size = entry.shape[dim] // world
-        index = [slice(None)] * len(entry.shape)
-        index[dim] = slice(rank * size, (rank + 1) * size)
-        array = array[tuple(index)]
-    data = torch.from_numpy(np.array(array))  # a copy of only this rank's bytes, out of the map
-    return data.view(SAFETENSORS_DTYPES[entry.dtype]).reshape(array.shape[:-1])
+    """This rank's 1/world of a tensor along `dim` (all of it for None), read straight from the file into the
+    result: no full tensor is built, and nothing else is mapped or buffered (peak memory is the slice)."""
+    if dim is None:
+        with entry.file.open("rb") as handle:
+            return read_tensor(entry, handle)
+    dtype = SAFETENSORS_DTYPES[entry.dtype]
+    shape = list(entry.shape)
+    size = shape[dim] // world
+    shape[dim] = size
+    out = torch.empty(shape, dtype=dtype)
+    buffer = out.view(-1).view(torch.uint8).numpy()
+    itemsize = dtype.itemsize
+    with entry.file.open("rb") as handle:
+        if dim == 0:  # whole rows: one contiguous range
+            row = math.prod(entry.shape[1:]) * itemsize
+            handle.seek(entry.start + rank * size * row)
+            _read_into(handle, buffer, entry)
+        else:  # a 2-D tensor's columns: a piece of every row
+            assert dim == 1 and len(shape) == 2, (entry.shape, dim)
+            row, piece = entry.shape[1] * itemsize, size * itemsize
+            for r in range(shape[0]):
+                handle.seek(entry.start + r * row + rank * piece)
+                _read_into(handle, buffer[r * piece : (r + 1) * piece], entry)
+    return out
+
+
+def _read_into(handle: Any, buffer: np.ndarray, entry: TensorEntry) -> None:
+    if handle.readinto(buffer) != buffer.nbytes:
+        raise CheckpointError(f"{entry.file}: truncated while reading a tensor at byte {entry.start}")
 
 
 class _TensorParallelForCausalLM(QwenForCausalLM):
