@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from qwen_ref.errors import QwenRefError
+from qwen_ref.json_files import read_json_file
 from qwen_ref.models.kv_cache import KVCache, RowCaches
 from qwen_ref.models.qwen2 import Pass, QwenForCausalLM
 from qwen_ref.qwen import Qwen
@@ -54,11 +55,8 @@ class _Row:
 
 def load_script(path: str | Path) -> list[Rule]:
     """Rules from a JSON file: a list of {"when": TEXT, "reply": TEXT} objects."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ScriptError(f"script {path}: cannot read it as JSON: {e}") from None
-    if not isinstance(data, list) or len(data) > MAX_RULES:
+    data = read_json_file(Path(path), ScriptError, kind=list)
+    if len(data) > MAX_RULES:
         raise ScriptError(f"script {path}: expected a list of at most {MAX_RULES} {{when, reply}} objects")
     rules = []
     for i, item in enumerate(data):

@@ -146,12 +146,12 @@ def test_scripted_stream_shows_the_reply(qwen25):
 
 
 @pytest.mark.parametrize(("content", "needle"), [
-    ("not json", "cannot read it as JSON"),
-    ('{"when": "a", "reply": "b"}', "expected a list"),
+    ("not json", "not valid JSON"),
+    ('{"when": "a", "reply": "b"}', "expected a JSON list"),
     ('[{"when": "a"}]', "rule 0"),
     ('[{"when": "a", "reply": 3}]', "rule 0"),
     ('[{"when": "a", "reply": "b", "x": 1}]', "rule 0"),
-    ("[" * 100000, "cannot read it as JSON"),
+    ("[" * 100000, "nested too deeply"),
 ])
 def test_bad_script_files_are_typed_errors(tmp_path, content, needle):
     path = tmp_path / "script.json"
