@@ -58,6 +58,10 @@ def add_load_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> No
     p.add_argument("--offload", choices=list(OFFLOADS), default="none",
                    help="none (default); disk: the decoder layers stay in the safetensors files and stream "
                         "through memory one at a time (same logits; for checkpoints larger than memory)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism over N ranks, started here (gloo on CPUs, NCCL on GPUs); see docs/scale.md")
+    p.add_argument("--tp-exact", action="store_true",
+                   help="with --tp: the one-rank arithmetic bit for bit (each layer's weights gathered whole; slower)")
     p.add_argument("--decode-linear", choices=list(DECODE_LINEARS), default="torch",
                    help="torch (default): BLAS, decode logits bit-equal to transformers; invariant: the "
                         "batch-invariant CPU kernel (faster in bfloat16; see docs/performance.md)")
@@ -66,7 +70,8 @@ def add_load_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> No
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """qwen_ref.load's keyword arguments from the shared load flags."""
     return {"device": args.device, "dtype": args.dtype, "lora": args.lora, "lora_dir": args.lora_dir,
-            "kernels": args.kernels, "decode_linear": args.decode_linear, "offload": args.offload}
+            "kernels": args.kernels, "decode_linear": args.decode_linear, "offload": args.offload,
+            "tp": args.tp, "tp_exact": args.tp_exact}
 
 
 def _load(args: argparse.Namespace) -> Qwen:

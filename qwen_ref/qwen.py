@@ -31,6 +31,12 @@ class Qwen:
     known: known_models.KnownModel | None = None
     adapters: Any = None  # qwen_ref.lora.AdapterRegistry: named adapters a request's `lora` selects
     default_adapter: Any = None  # load(lora=...): merged; with lora_dir, applied per row to requests naming none
+    ranks: Any = None  # load(tp=N): qwen_ref.parallel.ranks.Ranks, the processes behind the model
+
+    def close(self) -> None:
+        """Stop a tensor-parallel model's other ranks now (they also stop when this process exits)."""
+        if self.ranks is not None:
+            self.ranks.close(self.ranks.stop)
 
     @property
     def device(self) -> torch.device:
@@ -82,6 +88,8 @@ def load(
     kernels: str = "torch",
     decode_linear: str = "torch",
     offload: str = "none",
+    tp: int = 1,
+    tp_exact: bool = False,
 ) -> Qwen:
     """lora: an adapter directory (or a name in lora_dir) merged into the weights; lora_dir: a directory of
     named adapters that a request's `lora` field selects, applied unmerged to that request's rows (with lora_dir,
@@ -89,7 +97,9 @@ def load(
     decode_linear: "torch" (BLAS; decode logits bit-equal to transformers) or "invariant" (the batch-invariant
     CPU kernel: exact batched decoding at batch speed, and bfloat16 at memory speed; see docs/performance.md).
     offload: "none" (default) or "disk": the decoder layers stay in the safetensors files and each is read in
-    just before it runs (checkpoint/offload.py; docs/scale.md): the same logits, a fraction of the memory."""
+    just before it runs (checkpoint/offload.py; docs/scale.md): the same logits, a fraction of the memory.
+    tp: tensor parallelism over N ranks (parallel/; docs/scale.md): started here, or joined under torchrun, where
+    load() returns on rank 0 only. tp_exact: the one-rank arithmetic bit for bit, at the cost of speed."""
     path, known = resolve_source(source)
     config = QwenConfig.from_file(path / "config.json")
     torch_dtype = parse_dtype(dtype, config)
@@ -104,13 +114,25 @@ def load(
         raise CheckpointError("offload='disk' streams the weights from the files as they are: it does not combine "
                               "with a merged lora (use lora_dir: adapters apply per row), decode_linear='invariant' "
                               "or Triton kernels")
-    model = load_weights(path, config, dtype=torch_dtype, device=device, progress=progress, offload=offload)
+    parallel = tp != 1 or tp_exact
+    if parallel and (lora is not None or lora_dir is not None or offload != "none" or decode_linear != "torch"):
+        raise CheckpointError("tp: a tensor-parallel model does not combine with lora, lora_dir, offload='disk' or "
+                              "decode_linear='invariant'")
     tokenizer = load_tokenizer(path)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(
             f"tokenizer knows {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}"
         )
     generation = read_generation_config(path / "generation_config.json", config, tokenizer)
+    if parallel:
+        from qwen_ref.parallel.ranks import load_model  # torch.distributed loads only for tp
+
+        args = {"source": os.fspath(path), "dtype": str(torch_dtype).removeprefix("torch."), "device": str(device),
+                "kernels": kernels, "tp": tp, "tp_exact": tp_exact}
+        model, ranks = load_model(path, config, dtype=torch_dtype, device=device, world=tp, exact=tp_exact,
+                                  kernels=kernels, load_args=args)
+        return Qwen(model, tokenizer, config, path, generation, known, ranks=ranks)
+    model = load_weights(path, config, dtype=torch_dtype, device=device, progress=progress, offload=offload)
     registry = AdapterRegistry(lora_dir) if lora_dir is not None else None
     default = resolve_adapter(os.fspath(lora), registry) if lora is not None else None
     if default is not None and registry is None:

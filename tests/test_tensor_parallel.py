@@ -37,9 +37,26 @@ def test_tensor_parallel_logits_equal_one_rank(tiny, tmp_path, preset, world, dt
         assert torch.equal(got[kind].argmax(-1), expected[kind].argmax(-1)), kind  # greedy: the same tokens
 
 
+@pytest.mark.parametrize(("preset", "world", "dtype"), [
+    ("qwen2.5", 2, torch.float32), ("qwen2.5-coder-32b-shape", 2, torch.float32), ("yarn", 2, torch.float32),
+    ("qwen1.5", 4, torch.float32), ("qwen2.5-coder-32b-shape", 2, torch.bfloat16), ("qwen1.5", 4, torch.float64),
+])
+def test_exact_order_is_one_rank_bit_for_bit(tiny, tmp_path, preset, world, dtype):
+    # exact=True: each layer runs with its weights gathered whole, so every op has the one-rank shapes
+    out = tmp_path / "logits.pt"
+    spawn(rank_logits, world, str(tiny(preset)), dtype, IDS, str(out), True, timeout_s=60)
+    got = torch.load(out)
+    one = qwen_ref.load(tiny(preset), dtype=str(dtype).removeprefix("torch."))
+    x = torch.tensor([IDS])
+    with torch.inference_mode():
+        assert torch.equal(got["full"], one.model(x))
+        assert torch.equal(got["cached"], cached_logits(one.model, x, dtype))
+
+
 @pytest.mark.parametrize(("preset", "world", "needle"), [
     ("qwen2.5-coder-32b-shape", 4, "num_key_value_heads = 2"),
     ("qwen2.5", 3, "num_key_value_heads = 2, num_attention_heads = 14"),
+    ("qwen2.5", 0, "0 ranks; an integer >= 1"),
 ])
 def test_splits_that_do_not_divide_are_named(tiny, preset, world, needle):
     config = QwenConfig.from_file(tiny(preset) / "config.json")

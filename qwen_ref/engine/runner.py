@@ -23,7 +23,7 @@ import torch
 from qwen_ref import lora
 from qwen_ref.engine.sequence import Sequence
 from qwen_ref.errors import EngineError, QwenRefError
-from qwen_ref.models.kv_cache import KVCache, RowCaches
+from qwen_ref.models.kv_cache import RowCaches
 from qwen_ref.models.qwen2 import QwenForCausalLM
 from qwen_ref.sampling import forced_logprobs
 
@@ -119,7 +119,7 @@ class Runner:
         """seq's cache holds at least `length` positions: it grows by doubling, capped at the request's maximum."""
         if seq.cache is None:
             capacity = min(max(MIN_CAPACITY, length), seq.max_length)
-            seq.cache = KVCache(self.model.config, 1, capacity, dtype=self.dtype, device=self.device)
+            seq.cache = self.model.new_cache(1, capacity)
         elif length > seq.cache.capacity:
             seq.cache.grow(min(max(2 * seq.cache.capacity, length), seq.max_length))
 

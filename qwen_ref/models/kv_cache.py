@@ -120,7 +120,7 @@ class KVCache:
     def clone(self) -> KVCache:
         """A copy holding the positions in use (n samples of one prompt start from copies of its cache)."""
         used = int(self.lengths.max())
-        out = object.__new__(KVCache)
+        out = object.__new__(type(self))
         out.k = [t[:, :, :used].clone() for t in self.k]
         out.v = [t[:, :, :used].clone() for t in self.v]
         out.lengths = self.lengths.clone()

@@ -147,6 +147,11 @@ class QwenForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.backends = TORCH  # qwen_ref.load sets the ones models/backends.py resolves
 
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """An empty KV cache for this model's layers and heads, in its dtype and on its device."""
+        weight = self.lm_head.weight
+        return KVCache(self.config, batch_size, capacity, dtype=weight.dtype, device=weight.device)
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from qwen_ref.engine import DEFAULT_PREFILL_CHUNK
 from qwen_ref.errors import InvalidSamplingParams, QwenRefError
-from qwen_ref.models.kv_cache import KVCache
 from qwen_ref.oracle.files import ScoreInputError, finite_or_none
 from qwen_ref.oracle.formats.params import SAMPLING_FIELDS
 from qwen_ref.qwen import Qwen
@@ -49,7 +48,7 @@ def next_token_logits(qwen: Qwen, ids: Sequence[int], first: int, chunk: int = C
     if getattr(qwen.model, "streamer", None) is not None:
         chunk = len(ids)  # offload="disk": every pass streams all the weights, so the sequence is one pass
     device = qwen.device
-    cache = KVCache(qwen.model.config, 1, len(ids), dtype=qwen.dtype, device=device)
+    cache = qwen.model.new_cache(1, len(ids))
     for start in range(0, len(ids), chunk):
         piece = list(ids[start : start + chunk])
         needed = start + len(piece) > first - 1  # a position of this chunk predicts ids[first] or later

@@ -6,13 +6,23 @@
     embeddings, norms           replicated
 
 A rank is the ordinary model (models/qwen2.py, unchanged) built with its local sizes: H/N query heads, KV/N key
-and value heads, I/N intermediate, V/N vocabulary rows in lm_head. Forward hooks all-reduce the attention and MLP
-outputs (their row-parallel partial sums), and `logits` gathers the vocabulary, so every rank ends a forward
-with the full logits. Its KV cache holds its own heads only: 1/N of the memory.
+and value heads, I/N intermediate, V/N vocabulary rows in lm_head. Its linear backend all-reduces the outputs of
+o_proj and down_proj (their row-parallel partial sums), and `logits` gathers the vocabulary, so every rank ends a
+forward with the full logits. Its KV cache holds its own heads only: 1/N of the memory.
 
 Numerics: a row-parallel product is N partial sums over 1/N of the inputs each, added by the all-reduce, where
-one rank sums all the inputs in one BLAS call. The additions happen in another order, so TP logits equal one
-rank's to float rounding, not bit for bit (float32 within 1e-5, float64 within 1e-12; tests/test_tensor_parallel.py).
+one rank reduces all the inputs inside one BLAS call. The additions happen in another order, so TP logits equal
+one rank's to float rounding, not bit for bit (float32 within 1e-5, float64 within 1e-12;
+tests/test_tensor_parallel.py). No order of adding the N partial sums can reproduce the inside of a BLAS call.
+
+exact=True (for oracle use) makes TP equal one rank bit for bit: every rank keeps the same 1/N of the weights, but
+before each decoder layer runs its weights are all-gathered, the layer runs whole (all heads, the whole MLP) as on
+one rank, and they are released after it; lm_head likewise. Every op then has the one-rank shapes, so it rounds as
+one rank does. The cost: every rank computes the whole model (no speed-up), the whole layer's weights move to
+every rank on every forward, one layer's full weights are resident at a time, and the KV cache holds all the heads
+(benchmarks/bench_tp.py measures it). Splitting the products by output columns instead (gathering activations,
+not weights) is cheaper but not exact: a BLAS may pick another kernel for 1/N of the columns, and does on this
+CPU for float32 at small widths and for float64.
 
 Each rank reads only its slices from the safetensors files, straight into its tensors: no full tensor is built.
 """
@@ -20,6 +30,7 @@ Each rank reads only its slices from the safetensors files, straight into its te
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +49,7 @@ from qwen_ref.checkpoint.weights import (
 )
 from qwen_ref.config import QwenConfig
 from qwen_ref.errors import CheckpointError
+from qwen_ref.models.backends import TORCH, Backends
 from qwen_ref.models.qwen2 import Pass, QwenForCausalLM
 
 COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -50,20 +62,16 @@ class TensorParallelError(CheckpointError):
 
 def check_splits(config: QwenConfig, world: int) -> None:
     """Every split size must divide evenly: say which does not."""
-    if world < 1:
-        raise TensorParallelError(f"tp: {world} ranks; at least 1")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise TensorParallelError(f"tp: {world!r} ranks; an integer >= 1")
     sizes = {"num_key_value_heads": config.num_key_value_heads, "num_attention_heads": config.num_attention_heads,
              "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size}
     bad = [f"{name} = {n}" for name, n in sizes.items() if n % world]
     if bad:
+        g = math.gcd(*sizes.values())
+        works = [d for d in range(1, g + 1) if g % d == 0]
         raise TensorParallelError(f"tp: {world} ranks must divide {', '.join(bad)}; this model splits over "
-                                  f"{', '.join(map(str, _divisors(config)))} ranks")
-
-
-def _divisors(config: QwenConfig) -> list[int]:
-    g = math.gcd(config.num_key_value_heads, config.num_attention_heads, config.intermediate_size,
-                 config.vocab_size)
-    return [d for d in range(1, g + 1) if g % d == 0]
+                                  f"{', '.join(map(str, works))} ranks")
 
 
 def local_config(config: QwenConfig, world: int) -> QwenConfig:
@@ -117,47 +125,113 @@ def _read_into(handle: Any, buffer: np.ndarray, entry: TensorEntry) -> None:
         raise CheckpointError(f"{entry.file}: truncated while reading a tensor at byte {entry.start}")
 
 
+def gather(t: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """Every rank's t, concatenated along `dim` in rank order."""
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+Linear = Callable[[torch.Tensor, Sequence[nn.Linear]], list[torch.Tensor]]
+
+
+def all_reduce_row_parallel(inner: Linear, group: Any) -> Linear:
+    """The backend's linear, with the partial sums of o_proj and down_proj (marked tp_row) added across ranks."""
+
+    def linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
+        ys = inner(x, layers)
+        if getattr(layers[0], "tp_row", False):
+            assert len(layers) == 1 and layers[0].bias is None, "row-parallel layers run alone and have no bias"
+            dist.all_reduce(ys[0], group=group)  # each rank's partial sum over its 1/N of the inputs
+        return ys
+
+    return linear
+
+
 class _TensorParallelForCausalLM(QwenForCausalLM):
     group: Any
 
     def logits(self, p: Pass, hidden: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        local = super().logits(p, hidden, last_only).contiguous()  # [B, T, V / world]
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, local, group=self.group)
-        return torch.cat(parts, dim=-1)  # [B, T, V]
+        local = super().logits(p, hidden, last_only)  # [B, T, V / world]
+        return gather(local, -1, self.group)  # [B, T, V]
 
 
-def _all_reduce_output(group: Any) -> Any:
-    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(out, group=group)  # the row-parallel partial sums of o_proj or down_proj
-        return out
+class WholeWeights:
+    """exact=True: a module's sharded parameters all-gathered whole just before it computes, the shards put back
+    just after."""
 
-    return hook
+    def __init__(self, group: Any):
+        self.group = group
+        self.shards: dict[nn.Module, dict[str, tuple[nn.Parameter, int]]] = {}
+
+    def add(self, module: nn.Module, param: str, shard: nn.Parameter, dim: int) -> None:
+        self.shards.setdefault(module, {})[param] = (shard, dim)
+
+    def gather(self, owner: nn.Module) -> None:
+        for module, params in self._within(owner):
+            for param, (shard, dim) in params.items():
+                module._parameters[param] = nn.Parameter(gather(shard, dim, self.group), requires_grad=False)
+
+    def release(self, owner: nn.Module) -> None:
+        for module, params in self._within(owner):
+            for param, (shard, _) in params.items():
+                module._parameters[param] = shard
+
+    def _within(self, owner: nn.Module) -> list[tuple[nn.Module, dict[str, tuple[nn.Parameter, int]]]]:
+        inside = set(owner.modules())
+        return [(m, params) for m, params in self.shards.items() if m in inside]
+
+
+class _ExactTensorParallelForCausalLM(QwenForCausalLM):
+    whole: WholeWeights
+
+    def logits(self, p: Pass, hidden: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        self.whole.gather(self.lm_head)
+        try:
+            return super().logits(p, hidden, last_only)  # [B, T, V]: one rank's lm_head product
+        finally:
+            self.whole.release(self.lm_head)
 
 
 def load_tensor_parallel(directory: Path, config: QwenConfig, *, dtype: torch.dtype, rank: int, world: int,
-                         group: Any = None, device: torch.device | str = "cpu") -> QwenForCausalLM:
+                         group: Any = None, device: torch.device | str = "cpu", exact: bool = False,
+                         backends: Backends = TORCH) -> QwenForCausalLM:
     """This rank's part of the model in `directory` (a process group of `world` ranks must be initialized). Its
-    `config` is the local one (its heads, its intermediate size: what its KV cache and memory budget need); the
-    logits it returns are the whole vocabulary's."""
+    `config` is the one its KV cache and memory budget need: the local one (its heads, its intermediate size), or
+    with exact=True the whole one; the logits it returns are the whole vocabulary's. backends: the ops it runs."""
     entries = index_checkpoint(directory)
     local = local_config(config, world)
     with torch.device("meta"):
         full = QwenForCausalLM(config)
     check_names_and_shapes(full, entries, config.tie_word_embeddings, directory)
     with torch.device("meta"):
-        model = QwenForCausalLM(local)
+        model = QwenForCausalLM(replace(config, tie_word_embeddings=False) if exact else local)
+    whole = WholeWeights(group)
     for name, _ in model.named_parameters():
         source = "model.embed_tokens.weight" if name == "lm_head.weight" and config.tie_word_embeddings else name
-        tensor = read_slice(entries[source], _split(name), rank, world)
+        dim = _split(name)
+        tensor = read_slice(entries[source], dim, rank, world)
         module_name, _, param = name.rpartition(".")
+        module = model.get_submodule(module_name)
         # numerics: stored dtype -> compute dtype is one rounding, as in the one-rank load
-        model.get_submodule(module_name)._parameters[param] = nn.Parameter(tensor.to(device=device, dtype=dtype),
-                                                                            requires_grad=False)
-    model.__class__ = _TensorParallelForCausalLM
+        module._parameters[param] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        if exact and dim is not None:
+            whole.add(module, param, module._parameters[param], dim)
+    if exact:
+        model.__class__ = _ExactTensorParallelForCausalLM
+        model.whole = whole
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda module, args: whole.gather(module))
+            layer.register_forward_hook(lambda module, args, out: whole.release(module))
+        model.backends = backends
+    else:
+        model.__class__ = _TensorParallelForCausalLM
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.tp_row = True
+            layer.mlp.down_proj.tp_row = True
+        model.backends = replace(backends, name=f"{backends.name}+tp", linear=all_reduce_row_parallel(
+            backends.linear, group))
     model.group = group
-    for layer in model.model.layers:
-        layer.self_attn.register_forward_hook(_all_reduce_output(group))
-        layer.mlp.register_forward_hook(_all_reduce_output(group))
     model.eval()
     return model

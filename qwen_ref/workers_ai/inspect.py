@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from qwen_ref.errors import QwenRefError
-from qwen_ref.models.kv_cache import KVCache
 from qwen_ref.qwen import Qwen
 from qwen_ref.sampling import Trace, format_trace, trace
 from qwen_ref.sampling.json_mask import batch_allowed
@@ -22,7 +21,7 @@ def traces(qwen: Qwen, request: dict[str, Any], steps: int, top: int = 10) -> It
     p = prepare(qwen, request)
     state = p.state
     model = qwen.model
-    cache = KVCache(model.config, 1, len(p.prompt_ids) + steps, dtype=qwen.dtype, device=qwen.device)
+    cache = model.new_cache(1, len(p.prompt_ids) + steps)
     logits = model(torch.tensor([p.prompt_ids], device=qwen.device), cache=cache, last_only=True)[0, 0]
     output: list[int] = []
     for step in range(steps):

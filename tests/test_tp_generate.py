@@ -1,0 +1,157 @@
+"""load(..., tp=N): the engine, sampler and contract on rank 0, the other ranks following each model call.
+Greedy generation equals one rank's on every tiny preset; with tp_exact the logits, and so every seeded draw,
+n samples, batched decoding and scores, are one rank's bit for bit; bad set-ups are typed errors, not hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import qwen_ref
+from qwen_ref.checkpoint.tiny import PRESETS
+from qwen_ref.errors import CheckpointError, QwenRefError
+from qwen_ref.oracle.score import score
+from qwen_ref.parallel.tp import TensorParallelError
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = {"prompt": "def add(a, b):", "raw": True, "max_tokens": 24, "temperature": 0}  # fits every window
+SEEDED = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 12, "seed": 5,
+          "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1}
+
+
+def _tp(path, **options):
+    return qwen_ref.load(path, dtype="float32", **options)
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.endswith("0.5b-shape")])
+def test_greedy_generation_equals_one_rank(tiny, preset):
+    one = qwen_ref.load(tiny(preset), dtype="float32")
+    two = _tp(tiny(preset), tp=2)
+    try:
+        assert qwen_ref.generate(two, GREEDY) == qwen_ref.generate(one, GREEDY)
+    finally:
+        two.close()
+
+
+def test_exact_order_gives_one_ranks_draws_samples_and_scores(tiny):
+    path = tiny("qwen2.5-coder-32b-shape")
+    one = qwen_ref.load(path, dtype="float32")
+    two = _tp(path, tp=2, tp_exact=True)
+    try:
+        assert qwen_ref.generate(two, SEEDED) == qwen_ref.generate(one, SEEDED)
+        assert qwen_ref.generate(two, SEEDED, n=3) == qwen_ref.generate(one, SEEDED, n=3)  # cloned caches
+        logprobs = {**SEEDED, "logprobs": 3}
+        assert qwen_ref.generate(two, logprobs) == qwen_ref.generate(one, logprobs)
+        ids = one.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)  # several chunks
+        item = [{"prompt_ids": ids[:5], "token_ids": ids[5:]}]
+        assert list(score(two, item)) == list(score(one, item))
+    finally:
+        two.close()
+
+
+def test_batched_decoding_and_prefill_in_pieces(tiny):
+    # the engine's fast mode: requests share decode forwards (RowCaches) while a long prompt is prefilled a chunk
+    # at a time between them; with tp_exact every forward is one rank's, so the batch's results are one rank's
+    path = tiny("qwen2.5")
+    one = qwen_ref.load(path, dtype="float32")
+    two = _tp(path, tp=2, tp_exact=True)
+    long = "A much longer prompt that takes several prefill chunks to get through. " * 4
+    batch = [{"prompt": text, "max_tokens": 10, "seed": i + 1, "temperature": 0.8}
+             for i, text in enumerate(["Hi", long, "Count: 1 2 3"])]
+    try:
+        options = {"exact": False, "prefill_chunk": 8}
+        assert qwen_ref.generate(two, batch, **options) == qwen_ref.generate(one, batch, **options)
+    finally:
+        two.close()
+
+
+def test_torchrun_starts_the_ranks(tiny, tmp_path):
+    script = tmp_path / "tp_script.py"
+    script.write_text("import sys, json, qwen_ref\n"
+                      f"qwen = qwen_ref.load(sys.argv[1], dtype='float32', tp=2)\n"
+                      f"print('RESULT', json.dumps(qwen_ref.generate(qwen, {GREEDY!r})))\n")
+    path = tiny("qwen1.5")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+                          str(path)], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1  # the code after load() runs on rank 0 only
+    import json
+
+    assert json.loads(lines[0][7:]) == qwen_ref.generate(qwen_ref.load(path, dtype="float32"), GREEDY)
+
+
+def test_cli_run_with_tp(tiny):
+    path = tiny("qwen2.5")
+    args = [sys.executable, "-m", "qwen_ref.cli", "run", str(path), "--prompt", "def add(a, b):", "--raw",
+            "--max-tokens", "12", "--temperature", "0", "--dtype", "float32"]
+    one, two = (subprocess.run(a, capture_output=True, text=True, timeout=240, cwd=ROOT)
+                for a in (args, [*args, "--tp", "2"]))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout
+
+
+@pytest.mark.parametrize(("options", "error", "needle"), [
+    ({"tp": 2, "lora_dir": "adapters"}, CheckpointError, "does not combine with lora"),
+    ({"tp": 2, "offload": "disk"}, CheckpointError, "offload"),
+    ({"tp": 4}, TensorParallelError, "num_key_value_heads = 2"),
+    ({"tp": 0}, TensorParallelError, "0 ranks"),
+    ({"tp": "2"}, TensorParallelError, "'2' ranks"),
+])
+def test_set_ups_that_cannot_work_are_refused_before_any_rank_starts(tiny, options, error, needle):
+    started = time.monotonic()
+    with pytest.raises(error, match=needle):
+        qwen_ref.load(tiny("qwen2.5-coder-32b-shape"), **options)
+    assert time.monotonic() - started < 10
+
+
+def test_a_world_size_that_does_not_match_is_named(tiny, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
+    with pytest.raises(TensorParallelError, match=r"tp=4, but this process group has 2 ranks"):
+        qwen_ref.load(tiny("qwen1.5"), tp=4)
+
+
+def test_one_tensor_parallel_model_per_process(tiny):
+    two = _tp(tiny("qwen1.5"), tp=2)
+    try:
+        with pytest.raises(TensorParallelError, match="already runs a tensor-parallel model"):
+            _tp(tiny("qwen1.5"), tp=2)
+    finally:
+        two.close()
+    again = _tp(tiny("qwen1.5"), tp=2)  # after close(), the next one starts
+    again.close()
+
+
+def test_a_rank_that_fails_to_load_is_named(tiny, tmp_path):
+    path = tmp_path / "truncated"
+    path.mkdir()
+    for f in tiny("qwen1.5").iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    weights = path / "model.safetensors"
+    with weights.open("r+b") as handle:  # the header stays whole; rank 1's slices are past the end
+        handle.truncate(weights.stat().st_size - 1024)
+    with pytest.raises(QwenRefError, match=r"rank 1"):
+        _tp(path, tp=2)
+    _tp(tiny("qwen1.5"), tp=2).close()  # nothing of the failed start is left behind
+
+
+def test_a_rank_that_dies_is_an_error_not_a_hang(tiny):
+    two = _tp(tiny("qwen1.5"), tp=2)
+    try:
+        assert qwen_ref.generate(two, GREEDY)
+        os.kill(two.ranks.followers[0].pid, signal.SIGKILL)
+        two.ranks.followers[0].wait(timeout=30)
+        started = time.monotonic()
+        with pytest.raises(QwenRefError, match="tensor-parallel group"):
+            qwen_ref.generate(two, GREEDY)
+        assert time.monotonic() - started < 30
+        with pytest.raises(QwenRefError, match="tensor-parallel group is broken"):
+            qwen_ref.generate(two, GREEDY)
+    finally:
+        two.close()
