@@ -18,11 +18,12 @@ import hashlib
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_generate import memory  # this folder is on sys.path when run as a script
 
 CONFIG = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
           "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 128, "max_position_embeddings": 32768,
@@ -71,7 +72,7 @@ def child(directory: str, offload: str, tokens: int, dtype: str) -> None:
     print(json.dumps({"bench": "offload", "offload": offload, "dtype": dtype, "tokens": tokens,
                       "checkpoint_gb": round(sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
                                              / 1e9, 2),
-                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                      "peak_rss_gb": round(memory("VmHWM") / 2**30, 2),  # this process's own (not ru_maxrss)
                       "load_s": round(loaded, 2), "score_s": round(scored, 2),
                       "tokens_per_s": round(tokens / scored, 2), "streamed_gb": round(read / 1e9, 2),
                       "streamed_read_gb_s": round(read / 1e9 / scored, 2) if read else None,

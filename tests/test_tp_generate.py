@@ -155,3 +155,42 @@ def test_a_rank_that_dies_is_an_error_not_a_hang(tiny):
             qwen_ref.generate(two, GREEDY)
     finally:
         two.close()
+
+
+def _followers_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"qwen_ref.parallel.follower" in cmdline and f"QWEN_REF_TP_PARENT={pid}\0".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def test_the_server_with_tp_answers_and_stops_its_ranks(tiny):
+    requests = pytest.importorskip("requests")
+    from server_helpers import start_server, stop_server
+
+    path = tiny("qwen2.5")
+    s = start_server(["--tp", "2", "--name", f"tiny={path}"])
+    try:
+        assert len(_followers_of(s.proc.pid)) == 1
+        answers = [requests.post(s.run_url("tiny"), json=GREEDY, headers=s.auth, timeout=60) for _ in range(2)]
+        expected = qwen_ref.generate(qwen_ref.load(path), GREEDY)
+        assert all(a.status_code == 200 and a.json()["result"] == expected for a in answers)
+    finally:
+        stop_server(s)
+    deadline = time.monotonic() + 20
+    while _followers_of(s.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _followers_of(s.proc.pid) == []
+
+
+def test_the_server_refuses_tp_with_two_checkpoints(tiny):
+    from qwen_ref.server.app import load_models
+
+    with pytest.raises(QwenRefError, match="--tp serves one checkpoint"):
+        load_models([str(tiny("qwen2.5")), str(tiny("qwen1.5"))], load_options={"tp": 2})

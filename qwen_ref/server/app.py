@@ -50,6 +50,9 @@ def load_models(sources: Sequence[str] = (), aliases: Sequence[str] = (),
     wanted = [(None, s) for s in sources] + [parse_alias(a) for a in aliases]
     if not wanted:
         raise QwenRefError("serve: give at least one SOURCE or --name NAME=SOURCE")
+    if (load_options or {}).get("tp", 1) != 1 and len({source for _, source in wanted}) > 1:
+        raise QwenRefError("serve: --tp serves one checkpoint per server (one process group per process); "
+                           "start a server for each")
     loaded: dict[str, tuple[Qwen, Engine]] = {}
     served: dict[str, Served] = {}
     for name, source in wanted:
