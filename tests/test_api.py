@@ -147,6 +147,9 @@ class Scripted(torch.nn.Module):
         self.inner, self.script, self.i = model, script, 0
         self.config, self.lm_head, self.backends = model.config, model.lm_head, model.backends
 
+    def new_cache(self, *args, **kwargs):
+        return self.inner.new_cache(*args, **kwargs)
+
     def begin(self, *args, **kwargs):
         return self.inner.begin(*args, **kwargs)
 

@@ -15,9 +15,11 @@ import pytest
 
 import qwen_ref
 from qwen_ref.checkpoint.tiny import PRESETS
+from qwen_ref.engine import Engine, EngineRequest
 from qwen_ref.errors import CheckpointError, QwenRefError
 from qwen_ref.oracle.score import score
 from qwen_ref.parallel.tp import TensorParallelError
+from qwen_ref.sampling import RequestState
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = {"prompt": "def add(a, b):", "raw": True, "max_tokens": 24, "temperature": 0}  # fits every window
@@ -29,10 +31,10 @@ def _tp(path, **options):
     return qwen_ref.load(path, dtype="float32", **options)
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.endswith("0.5b-shape")])
-def test_greedy_generation_equals_one_rank(tiny, preset):
+@pytest.mark.parametrize(("preset", "world"), [(p, 2) for p in PRESETS] + [("qwen1.5", 4)])
+def test_greedy_generation_equals_one_rank(tiny, preset, world):
     one = qwen_ref.load(tiny(preset), dtype="float32")
-    two = _tp(tiny(preset), tp=2)
+    two = _tp(tiny(preset), tp=world)
     try:
         assert qwen_ref.generate(two, GREEDY) == qwen_ref.generate(one, GREEDY)
     finally:
@@ -194,3 +196,31 @@ def test_the_server_refuses_tp_with_two_checkpoints(tiny):
 
     with pytest.raises(QwenRefError, match="--tp serves one checkpoint"):
         load_models([str(tiny("qwen2.5")), str(tiny("qwen1.5"))], load_options={"tp": 2})
+
+
+def _prompt_logprobs_beside_a_decoding_request(qwen, text: str) -> tuple[list, list]:
+    # prefill_ratio makes the scored prompt's chunks run a layer at a time between the other request's decode
+    # steps: begin, run_layers, final_hidden and two logits calls, each sent to the followers on its own
+    ids, other_ids = qwen.tokenizer.encode(text), qwen.tokenizer.encode("hello")
+    engine = Engine(qwen.model, prefill_ratio=0.01)
+    other, events = [], []
+    engine.add(EngineRequest(other_ids, 30, RequestState.start({"temperature": 0}, other_ids), frozenset()),
+               other.append)
+    engine.step()
+    engine.add(EngineRequest(ids, 3, RequestState.start({"temperature": 0}, ids), frozenset(), prompt_logprobs=2),
+               events.append)
+    while engine.has_work():
+        engine.step()
+    return events, other
+
+
+def test_prompt_logprobs_from_a_prefill_run_a_layer_at_a_time(tiny):
+    path = tiny("qwen1.5")
+    one = qwen_ref.load(path, dtype="float32")
+    two = _tp(path, tp=2, tp_exact=True)
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    try:
+        assert _prompt_logprobs_beside_a_decoding_request(two, text) == \
+            _prompt_logprobs_beside_a_decoding_request(one, text)
+    finally:
+        two.close()
