@@ -31,7 +31,10 @@ def _tp(path, **options):
     return qwen_ref.load(path, dtype="float32", **options)
 
 
-@pytest.mark.parametrize(("preset", "world"), [(p, 2) for p in PRESETS] + [("qwen1.5", 4)])
+# every tiny preset but the two 0.5b-shape ones: those are qwen2.5's and qwen1.5's code at benchmark shapes, and
+# take 15 s each here
+@pytest.mark.parametrize(("preset", "world"), [(p, 2) for p in PRESETS if not p.endswith("0.5b-shape")] +
+                         [("qwen1.5", 4)])
 def test_greedy_generation_equals_one_rank(tiny, preset, world):
     one = qwen_ref.load(tiny(preset), dtype="float32")
     two = _tp(tiny(preset), tp=world)

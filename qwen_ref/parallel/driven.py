@@ -124,8 +124,8 @@ def _ints(t: torch.Tensor | None) -> list | None:
 
 
 class DrivenModel(QwenForCausalLM):
-    """Put in front of rank 0's tensor-parallel model class (drive()): each call is sent, then run here. The
-    local work runs first where it has no collective (a call that fails here is then never sent)."""
+    """Put in front of rank 0's tensor-parallel model class (drive()): each call is sent, then run here (cache
+    bookkeeping, which has no collective, runs here first, so that one that fails is never sent)."""
 
     channel: Channel
 
@@ -149,10 +149,13 @@ class DrivenModel(QwenForCausalLM):
               num_new: torch.Tensor | None = None, lora: Any = None) -> Pass:
         assert lora is None, "a tensor-parallel model takes no adapters"
         with self.channel.call() as outermost:
+            if outermost:  # the embedding's all-reduce is a collective: the followers start it too
+                i = next(self.channel.ids)
+                self.channel.send("begin", i, input_ids.tolist(), _cache_ref(cache), _ints(num_new))
             p = super().begin(input_ids, cache, num_new)
             if outermost:
-                p.tp_id = self.channel.track(p, "pass")  # type: ignore[attr-defined]
-                self.channel.send("begin", p.tp_id, input_ids.tolist(), _cache_ref(cache), _ints(num_new))
+                p.tp_id = i  # type: ignore[attr-defined]
+                weakref.finalize(p, self.channel.dropped.append, ("pass", i))
             return p
 
     def run_layers(self, p: Pass, count: int | None = None) -> bool:

@@ -3,12 +3,14 @@
     q/k/v_proj, gate/up_proj    column-parallel: each rank its slice of the output rows (its heads)
     o_proj, down_proj           row-parallel: each rank its slice of the input columns; one all-reduce each
     lm_head                     vocabulary-parallel: each rank 1/N of the vocabulary; the logits are gathered
-    embeddings, norms           replicated
+    embed_tokens                vocabulary-parallel: each rank 1/N of the rows; the looked-up rows are summed
+    norms                       replicated
 
 A rank is the ordinary model (models/qwen2.py, unchanged) built with its local sizes: H/N query heads, KV/N key
-and value heads, I/N intermediate, V/N vocabulary rows in lm_head. Its linear backend all-reduces the outputs of
-o_proj and down_proj (their row-parallel partial sums), and `logits` gathers the vocabulary, so every rank ends a
-forward with the full logits. Its KV cache holds its own heads only: 1/N of the memory.
+and value heads, I/N intermediate, V/N vocabulary rows in lm_head and embed_tokens (one tensor when tied). Its
+linear backend all-reduces the outputs of o_proj and down_proj (their row-parallel partial sums), and `logits`
+gathers the vocabulary, so every rank ends a forward with the full logits. Its KV cache holds its own heads
+only: 1/N of the memory.
 
 Numerics: a row-parallel product is N partial sums over 1/N of the inputs each, added by the all-reduce, where
 one rank reduces all the inputs inside one BLAS call. The additions happen in another order, so TP logits equal
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from qwen_ref.checkpoint.weights import (
@@ -88,7 +91,7 @@ def _split(name: str) -> int | None:
         return 0
     if any(module.endswith(m) for m in ROW):
         return 1
-    if name == "lm_head.weight":
+    if name in ("lm_head.weight", "model.embed_tokens.weight"):
         return 0
     return None
 
@@ -157,6 +160,26 @@ class _TensorParallelForCausalLM(QwenForCausalLM):
         return gather(local, -1, self.group)  # [B, T, V]
 
 
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows [start, start + V/N) of the embedding. An id this rank does not hold looks up -0.0, and the all-reduce
+    adds the one real row to the others' -0.0: v + (-0.0) is v for every v (+0.0 and -0.0 too), so the rows are
+    one rank's bit for bit."""
+
+    start: int
+    vocab_size: int
+    group: Any
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise IndexError(f"token id out of range 0..{self.vocab_size - 1}")  # as nn.Embedding, on every rank
+        local = ids - self.start
+        held = (local >= 0) & (local < self.weight.shape[0])
+        rows = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)  # [B, T, hidden]
+        rows = rows.masked_fill(~held[..., None], -0.0)
+        dist.all_reduce(rows, group=self.group)
+        return rows
+
+
 class WholeWeights:
     """exact=True: a module's sharded parameters all-gathered whole just before it computes, the shards put back
     just after."""
@@ -209,15 +232,23 @@ def load_tensor_parallel(directory: Path, config: QwenConfig, *, dtype: torch.dt
         model = QwenForCausalLM(replace(config, tie_word_embeddings=False) if exact else local)
     whole = WholeWeights(group)
     for name, _ in model.named_parameters():
-        source = "model.embed_tokens.weight" if name == "lm_head.weight" and config.tie_word_embeddings else name
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # embed_tokens' rows, below
         dim = _split(name)
-        tensor = read_slice(entries[source], dim, rank, world)
+        tensor = read_slice(entries[name], dim, rank, world)
         module_name, _, param = name.rpartition(".")
         module = model.get_submodule(module_name)
         # numerics: stored dtype -> compute dtype is one rounding, as in the one-rank load
         module._parameters[param] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
-        if exact and dim is not None:
+        if exact and dim is not None and module is not model.model.embed_tokens:
             whole.add(module, param, module._parameters[param], dim)
+    if config.tie_word_embeddings:  # one tensor, as on one rank: the rows this rank holds of both
+        model.lm_head._parameters["weight"] = model.model.embed_tokens.weight
+        if exact:
+            whole.add(model.lm_head, "weight", model.lm_head.weight, 0)
+    embed = model.model.embed_tokens
+    embed.__class__ = VocabParallelEmbedding
+    embed.start, embed.vocab_size, embed.group = rank * config.vocab_size // world, config.vocab_size, group
     if exact:
         model.__class__ = _ExactTensorParallelForCausalLM
         model.whole = whole
