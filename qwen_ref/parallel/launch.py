@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 DEFAULT_TIMEOUT_S = 120.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -45,7 +45,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = DEF
     from qwen_ref.parallel.tp import TensorParallelError
 
     try:
-        mp.spawn(_rank_main, args=(fn, world, _free_port(), timeout_s, args), nprocs=world, join=True)
+        mp.spawn(_rank_main, args=(fn, world, free_port(), timeout_s, args), nprocs=world, join=True)
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         lines = [line for line in str(e).splitlines() if line.startswith("RuntimeError: rank ")]
         raise TensorParallelError(f"tensor-parallel run failed: {lines[-1] if lines else str(e).strip()}") from None

@@ -28,7 +28,7 @@ from qwen_ref.config import QwenConfig
 from qwen_ref.models.backends import resolve_backends
 from qwen_ref.models.qwen2 import QwenForCausalLM
 from qwen_ref.parallel.driven import command_group, drive, follow
-from qwen_ref.parallel.launch import DEFAULT_TIMEOUT_S, _free_port, backend
+from qwen_ref.parallel.launch import DEFAULT_TIMEOUT_S, backend, free_port
 from qwen_ref.parallel.tp import TensorParallelError, check_splits, load_tensor_parallel
 
 PARENT = "QWEN_REF_TP_PARENT"  # set for the followers load() starts: the pid they exit with
@@ -100,7 +100,7 @@ def start(world: int, device: torch.device, load_args: dict[str, Any], timeout_s
         if os.environ.get(PARENT):
             _exit_with_parent(int(os.environ[PARENT]))
     else:
-        port = _free_port()
+        port = free_port()
         ranks = Ranks(0, world, _device(device, 0))
         ranks.followers = [_start_follower(r, world, port, load_args) for r in range(1, world)]
         try:
