@@ -33,7 +33,9 @@ from qwen_ref_kernels import attention, attention_ref, decode_attention, decode_
 # (peak HBM bytes/s, peak dense fp16/bf16 tensor FLOP/s) by device-name substring, most specific first
 PEAKS = [("H100 PCIe", 2.0e12, 756e12), ("H100 NVL", 3.9e12, 835e12), ("H200", 4.8e12, 989e12),
          ("H100", 3.35e12, 989e12), ("A100", 2.04e12, 312e12)]  # fmt: skip
-LAYOUTS = {"qwen2.5-0.5b": (14, 2, 64), "qwen2.5-7b": (28, 4, 128)}  # (Hq, Hkv, D)
+LAYOUTS = {  # (Hq, Hkv, D)
+    "qwen2.5-0.5b": (14, 2, 64), "qwen2.5-7b": (28, 4, 128), "qwen2.5-coder-32b": (40, 8, 128),
+}
 QUANTILES = [0.5, 0.2, 0.8]
 
 
