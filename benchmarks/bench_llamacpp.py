@@ -10,11 +10,12 @@ distribution of the installed llama-cpp-python (pip download; cached beside the 
 threads and the same number of cached tokens:
 - llama.cpp: a prompt of --context tokens, then --steps decode calls of one token each (Llama.eval: llama_decode
   and the copy of the logits), each timed;
-- qwen_ref: load() with its default options at the same precision, then decode steps through a KV cache holding
-  --context positions (bench_generate.decode_step_times: one forward of one token, logits included).
-One JSON line per (preset, precision): each side's median ms per token and tokens/s, and ours / llama.cpp. The
-machine's read bandwidth is measured in the same run, and each side's step is put against the roofline of the
-bytes it reads (its weights at its precision; the KV bytes are under 1% at these lengths).
+- qwen_ref: load() at the same precision with each --decode-linear ("torch", the default, bit-equal to
+  transformers; "invariant", the batch-invariant CPU kernel, float32 and bfloat16 only), then decode steps through a
+  KV cache holding --context positions (bench_generate.decode_step_times: one forward of one token, with logits).
+One JSON line per (preset, precision, decode_linear): each side's median ms per token and tokens/s, and ours /
+llama.cpp. The machine's read bandwidth is measured in the same run, and each side's step is put against the
+roofline of the bytes it reads (its weights at its precision; the KV bytes are under 1% at these lengths).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--decode-linear", nargs="+", default=["torch", "invariant"], choices=["torch", "invariant"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = cache_root() / "bench"
@@ -102,19 +104,23 @@ def main() -> None:
         for precision in args.precision:
             path = gguf(checkpoint, precision, script)
             theirs, their_bytes = llamacpp_step_ms(path, args.context, args.steps, args.threads)
-            qwen = load(checkpoint, dtype=DTYPES[precision])
-            ours = decode_step_times(qwen.model, 1, args.context, repeats=args.steps - 2)
-            our_bytes = weight_bytes_per_token(qwen.model)
-            del qwen
-            ours_ms, theirs_ms = statistics.median(ours), statistics.median(theirs)
-            print(json.dumps({
-                "bench": "llamacpp", "preset": preset, "precision": precision, "context": args.context,
-                "threads": args.threads, "ours_ms": round(ours_ms, 2), "llamacpp_ms": round(theirs_ms, 2),
-                "ours_tok_s": round(1e3 / ours_ms, 1), "llamacpp_tok_s": round(1e3 / theirs_ms, 1),
-                "ratio_ours_vs_llamacpp": round(theirs_ms / ours_ms, 3),
-                "ours_roofline": round(our_bytes / bandwidth / (ours_ms / 1e3), 3),
-                "llamacpp_roofline": round(their_bytes / bandwidth / (theirs_ms / 1e3), 3),
-                "ours_weight_bytes": our_bytes, "llamacpp_model_bytes": their_bytes}), flush=True)
+            for decode_linear in args.decode_linear:
+                if decode_linear == "invariant" and precision == "f16":
+                    continue  # the invariant kernel takes float32 and bfloat16
+                qwen = load(checkpoint, dtype=DTYPES[precision], decode_linear=decode_linear)
+                ours = decode_step_times(qwen.model, 1, args.context, repeats=args.steps - 2)
+                our_bytes = weight_bytes_per_token(qwen.model)
+                del qwen
+                ours_ms, theirs_ms = statistics.median(ours), statistics.median(theirs)
+                print(json.dumps({
+                    "bench": "llamacpp", "preset": preset, "precision": precision, "decode_linear": decode_linear,
+                    "context": args.context, "threads": args.threads, "ours_ms": round(ours_ms, 2),
+                    "llamacpp_ms": round(theirs_ms, 2), "ours_tok_s": round(1e3 / ours_ms, 1),
+                    "llamacpp_tok_s": round(1e3 / theirs_ms, 1),
+                    "ratio_ours_vs_llamacpp": round(theirs_ms / ours_ms, 3),
+                    "ours_roofline": round(our_bytes / bandwidth / (ours_ms / 1e3), 3),
+                    "llamacpp_roofline": round(their_bytes / bandwidth / (theirs_ms / 1e3), 3),
+                    "ours_weight_bytes": our_bytes, "llamacpp_model_bytes": their_bytes}), flush=True)
 
 
 if __name__ == "__main__":

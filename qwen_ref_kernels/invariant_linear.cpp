@@ -125,9 +125,18 @@ struct Part {
   int64_t N, first_block;
 };
 
-constexpr int NB = 4;
+// Rows of weights per block: 8 when x has 1 or 2 rows (more weight rows in flight, for memory-bound decode), else 4
+// (MB x NB accumulators must fit the registers). The sums of each (m, n) are the same whatever NB is.
+template <int NB, typename W, typename O>
+inline void block(const float* x, const W* wb, int64_t M, int64_t K, const float* bb, O* y, int64_t N, int64_t left,
+                  int ahead) {
+  if constexpr (NB > 1) {
+    if (left < NB) return block<NB - 1>(x, wb, M, K, bb, y, N, left, ahead);
+  }
+  rows<NB>(x, wb, M, K, bb, y, N, ahead);
+}
 
-template <typename W, typename O>
+template <int NB, typename W, typename O>
 void run(const float* x, const std::vector<Part<W, O>>& parts, int64_t blocks, int64_t M, int64_t K) {
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     size_t p = 0;
@@ -138,12 +147,7 @@ void run(const float* x, const std::vector<Part<W, O>>& parts, int64_t blocks, i
       const W* wb = part.w + n * K;
       const float* bb = part.bias ? part.bias + n : nullptr;
       const int ahead = static_cast<int>(std::clamp<int64_t>(part.N - n - NB, 0, NB));
-      switch (std::min<int64_t>(NB, part.N - n)) {
-        case 4: rows<4>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
-        case 3: rows<3>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
-        case 2: rows<2>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
-        default: rows<1>(x, wb, M, K, bb, part.y + n, part.N, ahead); break;
-      }
+      block<NB>(x, wb, M, K, bb, part.y + n, part.N, part.N - n, ahead);
     }
   });
 }
@@ -166,16 +170,21 @@ std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<t
   std::vector<std::vector<float>> biases;
   std::vector<torch::Tensor> ys;
   std::vector<Part<W, O>> parts;
+  const int64_t nb = M <= 2 ? 8 : 4;
   int64_t blocks = 0;
+  biases.reserve(ws.size());  // parts point into it
   for (size_t i = 0; i < ws.size(); ++i) {
     const int64_t N = ws[i].size(0);
     ys.push_back(torch::empty({M, N}, ws[i].options()));
     biases.push_back(bs[i].numel() ? widened(bs[i]) : std::vector<float>());
     parts.push_back({ws[i].data_ptr<W>(), bs[i].numel() ? biases.back().data() : nullptr, ys.back().data_ptr<O>(),
                      N, blocks});
-    blocks += (N + NB - 1) / NB;
+    blocks += (N + nb - 1) / nb;
   }
-  run(xf.data(), parts, blocks, M, K);
+  if (nb == 8)
+    run<8>(xf.data(), parts, blocks, M, K);
+  else
+    run<4>(xf.data(), parts, blocks, M, K);
   return ys;
 }
 }  // namespace
