@@ -227,3 +227,26 @@ def test_prompt_logprobs_from_a_prefill_run_a_layer_at_a_time(tiny):
             _prompt_logprobs_beside_a_decoding_request(one, text)
     finally:
         two.close()
+
+
+def test_a_failure_of_rank_0_alone_breaks_the_group_instead_of_mixing_collectives(tiny, monkeypatch):
+    # rank 0 fails inside a layer, where the followers go on to an all-reduce it never reaches: they time out and
+    # stop, and rank 0 refuses every later call rather than pair its next collectives with their stale ones
+    monkeypatch.setenv("QWEN_REF_TP_TIMEOUT_S", "5")
+    two = _tp(tiny("qwen1.5"), tp=2)
+    try:
+        assert qwen_ref.generate(two, GREEDY)
+
+        def fail(module, args):
+            raise RuntimeError("rank 0 alone")
+
+        two.model.model.layers[0].mlp.register_forward_pre_hook(fail)
+        with pytest.raises(QwenRefError, match="tensor-parallel group is broken: RuntimeError: rank 0 alone"):
+            qwen_ref.generate(two, GREEDY)
+        with pytest.raises(QwenRefError, match="tensor-parallel group is broken"):
+            qwen_ref.generate(two, GREEDY)
+        assert two.ranks.followers[0].wait(timeout=60) != 0  # its all-reduce timed out: it stopped
+    finally:
+        started = time.monotonic()
+        two.close()
+        assert time.monotonic() - started < 30

@@ -9,8 +9,10 @@ positions on every rank, so the lengths agree without being sent.
 
 Commands go over a gloo group of their own with no practical timeout (a follower waits for the next request as
 long as the server is idle); the forward's collectives keep the process group's timeout. A call that raises
-raises on every rank alike (the same state, the same command), so the followers carry on; a rank that is gone
-makes every later call a TensorParallelError.
+raises on every rank alike (the same state, the same command), so the followers carry on. A call that fails
+otherwise (a collective that times out, a rank that fails alone or is gone) may leave the ranks out of step: the
+followers stop at their collective's timeout, and rank 0 makes that call and every later one a
+TensorParallelError.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from qwen_ref.errors import QwenRefError
 from qwen_ref.models.kv_cache import KVCache, RowCaches
 from qwen_ref.models.qwen2 import Pass, QwenForCausalLM
 from qwen_ref.parallel.tp import TensorParallelError
@@ -63,6 +66,13 @@ class Channel:
             self.depth += 1
             try:
                 yield outermost
+            except (QwenRefError, IndexError):
+                raise  # the checks that run on every rank alike before any collective (cache room, token ids)
+            except Exception as e:
+                # a collective that failed or timed out, or a failure of this rank alone (memory, say): the
+                # followers may be waiting in a collective this rank never reached, out of step for good
+                self.broken = f"{type(e).__name__}: {e}"
+                raise TensorParallelError(f"the tensor-parallel group is broken: {self.broken}") from None
             finally:
                 self.depth -= 1
 
@@ -226,5 +236,7 @@ def follow(model: QwenForCausalLM, group: Any) -> None:
                 model.logits(p, p.tp_hidden, args[1])  # type: ignore[attr-defined]
             else:
                 raise AssertionError(f"unknown command {op!r}")
-        except Exception as e:  # rank 0 ran the same command on the same state: it raised the same error
+        except (QwenRefError, IndexError) as e:  # rank 0 ran the same checks on the same state: the same error
             log.debug("tensor-parallel command %s failed as on rank 0: %s", op, e)
+        # anything else (a collective that timed out because rank 0 failed alone, say) leaves this rank out of
+        # step with rank 0 for good: it propagates, and the follower stops

@@ -82,8 +82,15 @@ def _threads(world: int, device: torch.device) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
 
-def start(world: int, device: torch.device, load_args: dict[str, Any], timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
+TIMEOUT_ENV = "QWEN_REF_TP_TIMEOUT_S"  # seconds a forward's collective may wait (default 120); ranks inherit it
+
+
+def start(world: int, device: torch.device, load_args: dict[str, Any]) -> Ranks:
     """Join or start a process group of `world` ranks; load_args: what the followers this starts pass to load()."""
+    try:
+        timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    except ValueError:
+        raise TensorParallelError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
     timeout = datetime.timedelta(seconds=timeout_s)
     if any(not r.closed for r in _open):
         raise TensorParallelError("tp: this process already runs a tensor-parallel model; close() it first "
