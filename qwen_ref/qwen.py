@@ -36,7 +36,13 @@ class Qwen:
     def close(self) -> None:
         """Stop a tensor-parallel model's other ranks now (they also stop when this process exits)."""
         if self.ranks is not None:
-            self.ranks.close(self.ranks.stop)
+            self.ranks.close()
+
+    def __enter__(self) -> Qwen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def device(self) -> torch.device:

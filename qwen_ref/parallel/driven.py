@@ -88,9 +88,9 @@ class Channel:
             self.broken = f"{type(e).__name__}: {e}"
             raise TensorParallelError(f"a rank of the tensor-parallel group is gone ({self.broken})") from None
 
-    def track(self, obj: object, kind: str) -> int:
-        """A new id for obj; the followers drop theirs once obj is garbage."""
-        i = next(self.ids)
+    def track(self, obj: object, kind: str, i: int | None = None) -> int:
+        """obj's id (a new one unless given); the followers drop theirs once obj is garbage."""
+        i = next(self.ids) if i is None else i
         weakref.finalize(obj, self.dropped.append, (kind, i))
         return i
 
@@ -164,8 +164,7 @@ class DrivenModel(QwenForCausalLM):
                 self.channel.send("begin", i, input_ids.tolist(), _cache_ref(cache), _ints(num_new))
             p = super().begin(input_ids, cache, num_new)
             if outermost:
-                p.tp_id = i  # type: ignore[attr-defined]
-                weakref.finalize(p, self.channel.dropped.append, ("pass", i))
+                p.tp_id = self.channel.track(p, "pass", i)  # type: ignore[attr-defined]
             return p
 
     def run_layers(self, p: Pass, count: int | None = None) -> bool:

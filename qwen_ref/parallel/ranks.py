@@ -46,14 +46,14 @@ class Ranks:
     stop: Any = None  # rank 0: the channel's stop(), which ends the followers' loop
     threads: int = field(default_factory=torch.get_num_threads)  # this process's, restored at close
 
-    def close(self, stop: Any = None) -> None:
-        """Stop the followers (stop: the channel's stop, or None when it never started) and leave the group."""
+    def close(self) -> None:
+        """Stop the followers (through the channel, once rank 0 drives) and leave the group."""
         if self.closed:
             return
         self.closed = True
         try:
-            if stop is not None:
-                stop()
+            if self.stop is not None:
+                self.stop()
         except Exception:
             pass  # a follower that is already gone: nothing to stop
         for p in self.followers:
@@ -118,7 +118,6 @@ def start(world: int, device: torch.device, load_args: dict[str, Any]) -> Ranks:
                     if p.poll() is not None]
             ranks.close()
             raise TensorParallelError(f"tp: the {world} ranks did not join ({'; '.join(gone) or e})") from None
-        atexit.register(lambda: ranks.close(ranks.stop))
         _open.append(ranks)
     _threads(world, ranks.device)
     ranks.commands = command_group()
@@ -178,6 +177,5 @@ def load_model(path: Path, config: QwenConfig, *, dtype: torch.dtype, device: to
         raise SystemExit(0)
     model = drive(model, ranks.commands)
     ranks.stop = model.channel.stop  # type: ignore[attr-defined]
-    if ranks.followers == []:  # under torchrun: stop the others when this script ends
-        atexit.register(lambda: ranks.close(ranks.stop))
+    atexit.register(ranks.close)  # the other ranks stop when this process ends, if close() was not called
     return model, ranks
