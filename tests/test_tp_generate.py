@@ -37,18 +37,14 @@ def _tp(path, **options):
                          [("qwen1.5", 4)])
 def test_greedy_generation_equals_one_rank(tiny, preset, world):
     one = qwen_ref.load(tiny(preset), dtype="float32")
-    two = _tp(tiny(preset), tp=world)
-    try:
+    with _tp(tiny(preset), tp=world) as two:
         assert qwen_ref.generate(two, GREEDY) == qwen_ref.generate(one, GREEDY)
-    finally:
-        two.close()
 
 
 def test_exact_order_gives_one_ranks_draws_samples_and_scores(tiny):
     path = tiny("qwen2.5-coder-32b-shape")
     one = qwen_ref.load(path, dtype="float32")
-    two = _tp(path, tp=2, tp_exact=True)
-    try:
+    with _tp(path, tp=2, tp_exact=True) as two:
         assert qwen_ref.generate(two, SEEDED) == qwen_ref.generate(one, SEEDED)
         assert qwen_ref.generate(two, SEEDED, n=3) == qwen_ref.generate(one, SEEDED, n=3)  # cloned caches
         logprobs = {**SEEDED, "logprobs": 3}
@@ -56,8 +52,6 @@ def test_exact_order_gives_one_ranks_draws_samples_and_scores(tiny):
         ids = one.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)  # several chunks
         item = [{"prompt_ids": ids[:5], "token_ids": ids[5:]}]
         assert list(score(two, item)) == list(score(one, item))
-    finally:
-        two.close()
 
 
 def test_batched_decoding_and_prefill_in_pieces(tiny):
@@ -65,15 +59,12 @@ def test_batched_decoding_and_prefill_in_pieces(tiny):
     # at a time between them; with tp_exact every forward is one rank's, so the batch's results are one rank's
     path = tiny("qwen2.5")
     one = qwen_ref.load(path, dtype="float32")
-    two = _tp(path, tp=2, tp_exact=True)
-    long = "A much longer prompt that takes several prefill chunks to get through. " * 4
-    batch = [{"prompt": text, "max_tokens": 10, "seed": i + 1, "temperature": 0.8}
-             for i, text in enumerate(["Hi", long, "Count: 1 2 3"])]
-    try:
+    with _tp(path, tp=2, tp_exact=True) as two:
+        long = "A much longer prompt that takes several prefill chunks to get through. " * 4
+        batch = [{"prompt": text, "max_tokens": 10, "seed": i + 1, "temperature": 0.8}
+                 for i, text in enumerate(["Hi", long, "Count: 1 2 3"])]
         options = {"exact": False, "prefill_chunk": 8}
         assert qwen_ref.generate(two, batch, **options) == qwen_ref.generate(one, batch, **options)
-    finally:
-        two.close()
 
 
 def test_torchrun_starts_the_ranks(tiny, tmp_path):
@@ -123,12 +114,8 @@ def test_a_world_size_that_does_not_match_is_named(tiny, monkeypatch):
 
 
 def test_one_tensor_parallel_model_per_process(tiny):
-    two = _tp(tiny("qwen1.5"), tp=2)
-    try:
-        with pytest.raises(TensorParallelError, match="already runs a tensor-parallel model"):
-            _tp(tiny("qwen1.5"), tp=2)
-    finally:
-        two.close()
+    with _tp(tiny("qwen1.5"), tp=2), pytest.raises(TensorParallelError, match="already runs a tensor-parallel model"):
+        _tp(tiny("qwen1.5"), tp=2)
     again = _tp(tiny("qwen1.5"), tp=2)  # after close(), the next one starts
     again.close()
 
@@ -147,8 +134,7 @@ def test_a_rank_that_fails_to_load_is_named(tiny, tmp_path):
 
 
 def test_a_rank_that_dies_is_an_error_not_a_hang(tiny):
-    two = _tp(tiny("qwen1.5"), tp=2)
-    try:
+    with _tp(tiny("qwen1.5"), tp=2) as two:
         assert qwen_ref.generate(two, GREEDY)
         os.kill(two.ranks.followers[0].pid, signal.SIGKILL)
         two.ranks.followers[0].wait(timeout=30)
@@ -158,8 +144,6 @@ def test_a_rank_that_dies_is_an_error_not_a_hang(tiny):
         assert time.monotonic() - started < 30
         with pytest.raises(QwenRefError, match="tensor-parallel group is broken"):
             qwen_ref.generate(two, GREEDY)
-    finally:
-        two.close()
 
 
 def _followers_of(pid: int) -> list[int]:
@@ -220,13 +204,10 @@ def _prompt_logprobs_beside_a_decoding_request(qwen, text: str) -> tuple[list, l
 def test_prompt_logprobs_from_a_prefill_run_a_layer_at_a_time(tiny):
     path = tiny("qwen1.5")
     one = qwen_ref.load(path, dtype="float32")
-    two = _tp(path, tp=2, tp_exact=True)
-    text = "The quick brown fox jumps over the lazy dog. " * 8
-    try:
+    with _tp(path, tp=2, tp_exact=True) as two:
+        text = "The quick brown fox jumps over the lazy dog. " * 8
         assert _prompt_logprobs_beside_a_decoding_request(two, text) == \
             _prompt_logprobs_beside_a_decoding_request(one, text)
-    finally:
-        two.close()
 
 
 def test_a_failure_of_rank_0_alone_breaks_the_group_instead_of_mixing_collectives(tiny, monkeypatch):
