@@ -57,10 +57,11 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def checkpoint(preset: str) -> Path:
-    path = cache_root() / "bench" / preset
+def checkpoint(preset: str, with_tokenizer: bool = False) -> Path:
+    """The preset's random-weight checkpoint (bfloat16), built once into the cache."""
+    path = cache_root() / "bench" / (f"{preset}-with-tokenizer" if with_tokenizer else preset)
     if not (path / "config.json").is_file():
-        make_tiny_checkpoint(preset, path, dtype="bfloat16", with_tokenizer=False)
+        make_tiny_checkpoint(preset, path, dtype="bfloat16", with_tokenizer=with_tokenizer)
     return path
 
 

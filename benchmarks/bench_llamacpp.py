@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_generate import decode_step_times, read_bandwidth, weight_bytes_per_token
+from bench_generate import checkpoint, decode_step_times, read_bandwidth, weight_bytes_per_token
 
-from qwen_ref.checkpoint.tiny import make_tiny_checkpoint
 from qwen_ref.disk_cache import cache_root
 from qwen_ref.qwen import load
 
@@ -66,7 +65,8 @@ def gguf(checkpoint: Path, precision: str, script: Path) -> Path:
 
 
 def llamacpp_step_ms(path: Path, context: int, steps: int, threads: int) -> tuple[list[float], int]:
-    """ms of each one-token decode after a --context prompt; and the bytes of the model's tensors."""
+    """ms of each one-token decode after a --context prompt; and the GGUF file's bytes (its tensors, plus a few MB
+    of header and vocabulary)."""
     from llama_cpp import Llama
 
     llm = Llama(str(path), n_ctx=context + steps + 8, n_batch=512, n_threads=threads, n_threads_batch=threads,
@@ -78,8 +78,7 @@ def llamacpp_step_ms(path: Path, context: int, steps: int, threads: int) -> tupl
         started = time.perf_counter()
         llm.eval([(context + i) * 31 % 150000])
         times.append((time.perf_counter() - started) * 1e3)
-    size = llm.model_size() if hasattr(llm, "model_size") else path.stat().st_size
-    return times[2:], size  # the first two steps warm up
+    return times[2:], path.stat().st_size  # the first two steps warm up
 
 
 def main() -> None:
@@ -98,16 +97,13 @@ def main() -> None:
     print(json.dumps({"bench": "bandwidth", "read_gb_s": round(bandwidth / 1e9, 2), "threads": args.threads}),
           flush=True)
     for preset in args.preset:
-        checkpoint = root / f"{preset}-with-tokenizer"  # the converter reads the tokenizer files
-        if not (checkpoint / "config.json").is_file():
-            make_tiny_checkpoint(preset, checkpoint, dtype="bfloat16")
+        hf = checkpoint(preset, with_tokenizer=True)  # the converter reads the tokenizer files
         for precision in args.precision:
-            path = gguf(checkpoint, precision, script)
-            theirs, their_bytes = llamacpp_step_ms(path, args.context, args.steps, args.threads)
+            theirs, their_bytes = llamacpp_step_ms(gguf(hf, precision, script), args.context, args.steps, args.threads)
             for decode_linear in args.decode_linear:
                 if decode_linear == "invariant" and precision == "f16":
                     continue  # the invariant kernel takes float32 and bfloat16
-                qwen = load(checkpoint, dtype=DTYPES[precision], decode_linear=decode_linear)
+                qwen = load(hf, dtype=DTYPES[precision], decode_linear=decode_linear)
                 ours = decode_step_times(qwen.model, 1, args.context, repeats=args.steps - 2)
                 our_bytes = weight_bytes_per_token(qwen.model)
                 del qwen
