@@ -18,14 +18,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from qwen_ref.config import QwenConfig
-from qwen_ref.models.backends import resolve_backends
 from qwen_ref.models.qwen2 import QwenForCausalLM
 from qwen_ref.parallel.driven import command_group, drive, follow
 from qwen_ref.parallel.launch import DEFAULT_TIMEOUT_S, backend, free_port
@@ -153,14 +151,12 @@ def load_model(path: Path, config: QwenConfig, *, dtype: torch.dtype, device: to
                exact: bool, kernels: str, load_args: dict[str, Any]) -> tuple[QwenForCausalLM, Ranks]:
     """Rank 0's driven shard of the model and the ranks behind it. On the other ranks this serves rank 0 and
     exits (SystemExit) when rank 0 stops: code after load() runs on rank 0 only."""
-    check_splits(config, world)  # before any process starts
-    stand_in = SimpleNamespace(lm_head=SimpleNamespace(weight=torch.empty(0, dtype=dtype, device=device)))
-    backends = resolve_backends(stand_in, kernels=kernels)
+    check_splits(config, world)  # before any process starts (load() checked the kernels for device and dtype)
     ranks = start(world, device, load_args)
     model, error = None, None
     try:
         model = load_tensor_parallel(path, config, dtype=dtype, rank=ranks.rank, world=world,
-                                     device=ranks.device, exact=exact, backends=backends)
+                                     device=ranks.device, exact=exact, kernels=kernels)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     try:

@@ -52,7 +52,7 @@ from qwen_ref.checkpoint.weights import (
 )
 from qwen_ref.config import QwenConfig
 from qwen_ref.errors import CheckpointError
-from qwen_ref.models.backends import TORCH, Backends
+from qwen_ref.models.backends import resolve_backends
 from qwen_ref.models.qwen2 import Pass, QwenForCausalLM
 
 COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -219,10 +219,10 @@ class _ExactTensorParallelForCausalLM(QwenForCausalLM):
 
 def load_tensor_parallel(directory: Path, config: QwenConfig, *, dtype: torch.dtype, rank: int, world: int,
                          group: Any = None, device: torch.device | str = "cpu", exact: bool = False,
-                         backends: Backends = TORCH) -> QwenForCausalLM:
+                         kernels: str = "torch") -> QwenForCausalLM:
     """This rank's part of the model in `directory` (a process group of `world` ranks must be initialized). Its
     `config` is the one its KV cache and memory budget need: the local one (its heads, its intermediate size), or
-    with exact=True the whole one; the logits it returns are the whole vocabulary's. backends: the ops it runs."""
+    with exact=True the whole one; the logits it returns are the whole vocabulary's. kernels: as load()'s."""
     entries = index_checkpoint(directory)
     local = local_config(config, world)
     with torch.device("meta"):
@@ -249,6 +249,7 @@ def load_tensor_parallel(directory: Path, config: QwenConfig, *, dtype: torch.dt
     embed = model.model.embed_tokens
     embed.__class__ = VocabParallelEmbedding
     embed.start, embed.vocab_size, embed.group = rank * config.vocab_size // world, config.vocab_size, group
+    backends = resolve_backends(model, kernels=kernels)
     if exact:
         model.__class__ = _ExactTensorParallelForCausalLM
         model.whole = whole
