@@ -1,13 +1,15 @@
 """Greedy generation speed: qwen_ref against transformers on the same weights, in one process.
 
 Makes (or reuses) random-weight checkpoints with the exact shapes of Qwen2.5-0.5B-Instruct and
-Qwen1.5-0.5B-Chat, measures the machine's memory read bandwidth, then for each case times transformers'
-generate and ours on the same prompt tokens after a warm-up. Decode tok/s excludes the prefill: it is
-(N - 1) / (time(N new tokens) - time(1 new token)). Ours runs once per --decode-linear choice: "torch" (BLAS,
-bit-equal to transformers) and "invariant" (the batch-invariant CPU kernel). One JSON line per case, then a table.
+Qwen1.5-0.5B-Chat, then for each case times transformers' generate and ours on the same prompt tokens after a
+warm-up. Decode tok/s excludes the prefill: it is (N - 1) / (time(N new tokens) - time(1 new token)). Ours runs
+once per --decode-linear choice: "torch" (BLAS, bit-equal to transformers) and "invariant" (the batch-invariant
+CPU kernel, what load()'s default "auto" picks on the CPU). The roofline fraction is taken in --rounds rounds of
+(read 1 GiB, time 8 decode steps at the mid-generation context): bytes a step reads / step time / that round's
+read bandwidth, median over rounds (limits.py). One JSON line per case, then a table.
 
     python benchmarks/bench_generate.py [--preset P ...] [--dtype D ...] [--prompt-len 128] [--new-tokens 64]
-                                        [--decode-linear torch invariant]
+                                        [--decode-linear torch invariant] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from limits import ReadProbe, interleaved, roofline_fraction
 
 from qwen_ref.checkpoint.tiny import make_tiny_checkpoint
 from qwen_ref.disk_cache import cache_root
@@ -44,17 +49,6 @@ def reset_peak() -> None:
             f.write("5")
     except OSError:
         pass
-
-
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes/s that a full-thread reduction reads from memory (best of `repeats`)."""
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
 
 
 def checkpoint(preset: str, with_tokenizer: bool = False) -> Path:
@@ -113,45 +107,66 @@ def bench_hf(model, prompts, new_tokens: int, repeats: int) -> tuple[float, floa
     return timed(lambda: run(1), repeats), timed(lambda: run(new_tokens), repeats)
 
 
+class DecodeSteps:
+    """Decode steps (one token per row, with logits) against a cache holding `context` positions per row, filled
+    with random keys/values: the cost depends on the sizes, not the values. Each call runs `steps` steps from the
+    same length and returns their seconds; the first call also warms up."""
+
+    def __init__(self, model, batch: int, context: int, steps: int, warmup: int = 2):
+        from qwen_ref.models.kv_cache import KVCache
+
+        self.model, self.context, self.steps = model, context, steps
+        weight = model.lm_head.weight
+        self.cache = KVCache(model.config, batch, context + max(steps, warmup) + 1, dtype=weight.dtype,
+                             device=weight.device)
+        for layer in range(model.config.num_hidden_layers):
+            self.cache.k[layer].normal_()
+            self.cache.v[layer].normal_()
+        self.tokens = torch.randint(0, 151643, (batch, 1), device=weight.device)
+        self.run(warmup)
+
+    def run(self, steps: int) -> list[float]:
+        self.cache.lengths.fill_(self.context)
+        times = []
+        with torch.inference_mode():
+            for _ in range(steps):
+                t = time.perf_counter()
+                self.model(self.tokens, cache=self.cache)
+                times.append(time.perf_counter() - t)
+        return times
+
+    def __call__(self) -> float:
+        return statistics.median(self.run(self.steps))
+
+
 def decode_step_times(model, batch: int, context: int, repeats: int = 5, warmup: int = 2) -> list[float]:
-    """ms of each timed decode step (one token per row) against a cache holding `context` positions per row,
-    filled with random keys/values: the cost depends on the sizes, not the values."""
-    from qwen_ref.models.kv_cache import KVCache
-
-    cache = KVCache(model.config, batch, context + warmup + repeats + 1, dtype=model.lm_head.weight.dtype,
-                    device=model.lm_head.weight.device)
-    for layer in range(model.config.num_hidden_layers):
-        cache.k[layer].normal_()
-        cache.v[layer].normal_()
-    cache.lengths.fill_(context)
-    tokens = torch.randint(0, 151643, (batch, 1), device=cache.lengths.device)
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            t = time.perf_counter()
-            model(tokens, cache=cache)
-            if i >= warmup:
-                times.append((time.perf_counter() - t) * 1e3)
-    return times
+    """ms of each of `repeats` decode steps at `context` cached positions per row (after `warmup` steps)."""
+    return [t * 1e3 for t in DecodeSteps(model, batch, context, repeats, warmup).run(repeats)]
 
 
-def context_sweep(model, dtype: torch.dtype, contexts: list[int], batch: int) -> list[dict]:
-    """Decode-step cost at growing cached lengths against what the extra KV bytes predict."""
+def context_sweep(model, dtype: torch.dtype, contexts: list[int], batch: int, rounds: int, probe) -> list[dict]:
+    """Decode-step cost at growing cached lengths against what the extra bytes predict: the contexts' steps are
+    timed in turn in each round (limits.interleaved), and the cost ratio to the first context is taken per round."""
+    steps = {ctx: DecodeSteps(model, batch, ctx, 8) for ctx in contexts}
+    timed = interleaved(steps, rounds, probe)
     base = contexts[0]
-    base_ms = statistics.median(decode_step_times(model, batch, base))
-    base_bytes = weight_bytes_per_token(model) + batch * kv_bytes_per_token(model, base, dtype)
+    weights = weight_bytes_per_token(model)
+    step_bytes = {ctx: weights + batch * kv_bytes_per_token(model, ctx, dtype) for ctx in contexts}
     rows = []
     for ctx in contexts:
-        ms = base_ms if ctx == base else statistics.median(decode_step_times(model, batch, ctx))
-        step_bytes = weight_bytes_per_token(model) + batch * kv_bytes_per_token(model, ctx, dtype)
+        time_ratio = statistics.median(t / b for t, b in zip(timed[ctx]["seconds"], timed[base]["seconds"]))
+        bytes_ratio = step_bytes[ctx] / step_bytes[base]
         rows.append({"bench": "context", "context": ctx, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
-                     "step_ms": round(ms, 2), "step_bytes": step_bytes,
-                     "time_ratio_vs_base": round(ms / base_ms, 3),
-                     "bytes_ratio_vs_base": round(step_bytes / base_bytes, 3)})
+                     "step_ms": round(timed[ctx]["s"] * 1e3, 2), "step_bytes": step_bytes[ctx],
+                     "time_ratio_vs_base": round(time_ratio, 3), "bytes_ratio_vs_base": round(bytes_ratio, 3),
+                     "cost_over_bytes": round(time_ratio / bytes_ratio, 3)})
+        if probe is not None:
+            rows[-1]["roofline_fraction"] = round(roofline_fraction(step_bytes[ctx], timed[ctx]["seconds"],
+                                                                    timed[ctx]["probes"]), 3)
     return rows
 
 
-def bench_case(args, preset, path, dtype, device, decode_linear, prompts, bandwidth) -> dict:
+def bench_case(args, preset, path, dtype, device, decode_linear, prompts, probe) -> dict:
     reset_peak()
     before = memory("VmRSS")
     qwen = load(path, dtype=dtype, device=device, decode_linear=decode_linear)
@@ -171,13 +186,15 @@ def bench_case(args, preset, path, dtype, device, decode_linear, prompts, bandwi
     context = args.prompt_len + args.new_tokens // 2
     step_bytes = wbytes + args.batch * kv_bytes_per_token(model, context, dtype)
     row["bytes_per_step"] = step_bytes
-    if bandwidth is not None:
-        row["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
-        roofline = bandwidth / step_bytes  # decode steps per second at full bandwidth
-        row["roofline_tok_s"] = round(args.batch * roofline, 2)
-        row["roofline_fraction"] = round(row["decode_tok_s"] / (args.batch * roofline), 3)
+    if probe is not None:
+        # each round: the probe reads 1 GiB, then 8 decode steps at the mid-generation context are timed
+        steps = DecodeSteps(model, args.batch, context, 8)
+        r = interleaved({"step": steps}, args.rounds, probe)["step"]
+        row["step_ms"] = round(r["s"] * 1e3, 2)
+        row["read_bandwidth_gb_s"] = round(r["probe_bytes_per_s"] / 1e9, 1)
+        row["roofline_fraction"] = round(roofline_fraction(step_bytes, r["seconds"], r["probes"]), 3)
     if args.context_sweep:
-        for r in context_sweep(model, dtype, sorted(args.context_sweep), args.batch):
+        for r in context_sweep(model, dtype, sorted(args.context_sweep), args.batch, args.rounds, probe):
             print(json.dumps({"preset": preset, "decode_linear": decode_linear, **r}), flush=True)
     return row
 
@@ -198,6 +215,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of (bandwidth probe, 8 decode steps) per case")
     ap.add_argument("--skip-hf", action="store_true", help="time only qwen_ref")
     ap.add_argument("--decode-linear", nargs="+", default=["torch", "invariant"], choices=["torch", "invariant"])
     ap.add_argument("--context-sweep", type=int, nargs="*", default=None, metavar="N",
@@ -208,7 +226,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    bandwidth = read_bandwidth() if device.type == "cpu" else None
+    probe = ReadProbe() if device.type == "cpu" else None
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 151643, (args.batch, args.prompt_len), generator=g).tolist()
     rows = []
@@ -218,7 +236,7 @@ def main() -> int:
             dtype = getattr(torch, dtype_name)
             hf_times = None
             for decode_linear in args.decode_linear if device.type == "cpu" else ["torch"]:
-                row = bench_case(args, preset, path, dtype, device, decode_linear, prompts, bandwidth)
+                row = bench_case(args, preset, path, dtype, device, decode_linear, prompts, probe)
                 if not args.skip_hf:
                     hf_times = hf_times or bench_hf_case(path, dtype, device, prompts, args)
                     h1, hn = hf_times

@@ -2,8 +2,9 @@
 
 For each dtype and row count M it times one decode step's worth of linears: the seven of each of --layers
 layers (distinct weights, so they come from memory as in a real step, not from cache) and the lm_head. The two
-sides alternate within each repeat; the median of --repeats is reported, with GB/s of weights read and the
-ratio. One JSON line per case.
+sides alternate within each repeat, each after a read of the bandwidth probe (limits.py); the median of --repeats
+is reported, with GB/s of weights read, the fraction of the probe's bandwidth, GFLOP/s against the float32
+multiply-add peak of a large torch.mm measured in the same run, and the ratio. One JSON line per case.
 
     python benchmarks/bench_invariant_linear.py [--rows 1 2 8 32] [--dtype float32 bfloat16] [--layers 24]
 """
@@ -11,14 +12,19 @@ ratio. One JSON line per case.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from limits import ReadProbe, fma_peak_flops, interleaved, roofline_fraction
 
 from qwen_ref_kernels.invariant_linear import extension, invariant_linear
 
@@ -44,6 +50,10 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     extension()  # build outside the timing
+    probe = ReadProbe()
+    peak = fma_peak_flops()
+    print(json.dumps({"bench": "fma_peak", "threads": args.threads, "float32_gflop_s": round(peak / 1e9, 1)}),
+          flush=True)
     g = torch.Generator().manual_seed(0)
     for name in args.dtype:
         dtype = getattr(torch, name)
@@ -51,19 +61,25 @@ def main() -> int:
                    for k, n in LAYER_SHAPES]
         weights.append((torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).to(dtype))
         nbytes = sum(w.numel() * w.element_size() for w in weights)
+        flop = 2 * sum(w.numel() for w in weights)  # per row of x
         for rows in args.rows:
             inputs = {k: torch.randn(rows, k, generator=g).to(dtype) for k in (HIDDEN, INTERMEDIATE)}
-            ours, blas = [], []
             step(invariant_linear, weights, inputs), step(F.linear, weights, inputs)  # warm-up
-            for _ in range(args.repeats):
-                ours.append(step(invariant_linear, weights, inputs))
-                blas.append(step(F.linear, weights, inputs))
-            o, b = statistics.median(ours), statistics.median(blas)
+            r = interleaved({"ours": functools.partial(step, invariant_linear, weights, inputs),
+                             "blas": functools.partial(step, F.linear, weights, inputs)}, args.repeats, probe)
+            o, b = r["ours"]["s"], r["blas"]["s"]
             print(json.dumps({"bench": "invariant_linear", "dtype": name, "rows": rows, "layers": args.layers,
                               "threads": args.threads, "weight_bytes": nbytes,
                               "ours_ms": round(o * 1e3, 2), "blas_ms": round(b * 1e3, 2),
                               "ours_gb_s": round(nbytes / o / 1e9, 2), "blas_gb_s": round(nbytes / b / 1e9, 2),
-                              "speedup_vs_blas": round(b / o, 3)}), flush=True)
+                              "read_gb_s": round(r["ours"]["probe_bytes_per_s"] / 1e9, 1),
+                              "ours_roofline": round(roofline_fraction(nbytes, r["ours"]["seconds"],
+                                                                       r["ours"]["probes"]), 3),
+                              "ours_gflop_s": round(rows * flop / o / 1e9, 1),
+                              "ours_of_fma_peak": round(rows * flop / o / peak, 3),
+                              "speedup_vs_blas": round(statistics.median(
+                                  bs / os_ for bs, os_ in zip(r["blas"]["seconds"], r["ours"]["seconds"])), 3)}),
+                  flush=True)
     return 0
 
 

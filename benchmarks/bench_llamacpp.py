@@ -2,20 +2,22 @@
 
     pip install -e '.[llamacpp]'     # llama-cpp-python built from its source distribution, and the converter's needs
     python benchmarks/bench_llamacpp.py [--preset qwen2.5-0.5b-shape ...] [--precision f32 bf16 f16]
-                                        [--context 128] [--steps 32] [--threads 2]
+                                        [--context 128] [--steps 8] [--rounds 7] [--threads 2]
 
 For each preset, the checkpoint (random weights in the exact HF layout, the real vocabulary) is converted to GGUF at
 each precision by llama.cpp's own converter, convert_hf_to_gguf.py, taken with its gguf-py from the source
 distribution of the installed llama-cpp-python (pip download; cached beside the checkpoints). Then, with the same
 threads and the same number of cached tokens:
-- llama.cpp: a prompt of --context tokens, then --steps decode calls of one token each (Llama.eval: llama_decode
-  and the copy of the logits), each timed;
+- llama.cpp: a prompt of --context tokens, then one-token decode calls (Llama.eval: llama_decode and the copy of
+  the logits), each timed;
 - qwen_ref: load() at the same precision with each --decode-linear ("torch", the default, bit-equal to
   transformers; "invariant", the batch-invariant CPU kernel, float32 and bfloat16 only), then decode steps through a
-  KV cache holding --context positions (bench_generate.decode_step_times: one forward of one token, with logits).
-One JSON line per (preset, precision, decode_linear): each side's median ms per token and tokens/s, and ours /
-llama.cpp. The machine's read bandwidth is measured in the same run, and each side's step is put against the
-roofline of the bytes it reads (its weights at its precision; the KV bytes are under 1% at these lengths).
+  KV cache (bench_generate.DecodeSteps: one forward of one token, with logits).
+All sides are loaded at once and timed in --rounds rounds; in each round each side reads the 1 GiB bandwidth probe
+and then times --steps decode steps (limits.interleaved), so that both meet the same neighbours' load. One JSON
+line per (preset, precision, decode_linear): each side's median ms per token, the median over rounds of
+llama.cpp's time / ours, and each side's roofline fraction (the bytes it reads, its weights at its precision, over
+its step time and its round's probe; the KV bytes are under 1% at these lengths).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_generate import checkpoint, decode_step_times, read_bandwidth, weight_bytes_per_token
+from bench_generate import DecodeSteps, checkpoint, weight_bytes_per_token
+from limits import ReadProbe, interleaved, roofline_fraction
 
 from qwen_ref.disk_cache import cache_root
 from qwen_ref.qwen import load
@@ -64,21 +67,28 @@ def gguf(checkpoint: Path, precision: str, script: Path) -> Path:
     return out
 
 
-def llamacpp_step_ms(path: Path, context: int, steps: int, threads: int) -> tuple[list[float], int]:
-    """ms of each one-token decode after a --context prompt; and the GGUF file's bytes (its tensors, plus a few MB
-    of header and vocabulary)."""
-    from llama_cpp import Llama
+class LlamaSteps:
+    """llama.cpp's decode: a prompt of `context` tokens, then each call times `steps` one-token Llama.eval calls
+    (llama_decode and the copy of the logits) and returns their median seconds. Its cache keeps growing: over
+    `rounds` calls the context goes from `context` to context + rounds * steps."""
 
-    llm = Llama(str(path), n_ctx=context + steps + 8, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                verbose=False)
-    prompt = [(i * 7919) % 150000 for i in range(context)]
-    llm.eval(prompt)
-    times = []
-    for i in range(steps):
-        started = time.perf_counter()
-        llm.eval([(context + i) * 31 % 150000])
-        times.append((time.perf_counter() - started) * 1e3)
-    return times[2:], path.stat().st_size  # the first two steps warm up
+    def __init__(self, path: Path, context: int, steps: int, rounds: int, threads: int):
+        from llama_cpp import Llama
+
+        self.steps, self.next = steps, context
+        self.llm = Llama(str(path), n_ctx=context + (rounds + 1) * steps + 8, n_batch=512, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+        self.llm.eval([(i * 7919) % 150000 for i in range(context)])
+        self()  # warm-up
+
+    def __call__(self) -> float:
+        times = []
+        for _ in range(self.steps):
+            started = time.perf_counter()
+            self.llm.eval([self.next * 31 % 150000])
+            times.append(time.perf_counter() - started)
+            self.next += 1
+        return statistics.median(times)
 
 
 def main() -> None:
@@ -86,37 +96,43 @@ def main() -> None:
     parser.add_argument("--preset", nargs="+", default=["qwen2.5-0.5b-shape", "qwen1.5-0.5b-shape"])
     parser.add_argument("--precision", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="decode steps each side times per round")
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--decode-linear", nargs="+", default=["torch", "invariant"], choices=["torch", "invariant"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = cache_root() / "bench"
     script = converter(root / "llama-cpp-sdist")
-    bandwidth = read_bandwidth()
-    print(json.dumps({"bench": "bandwidth", "read_gb_s": round(bandwidth / 1e9, 2), "threads": args.threads}),
-          flush=True)
+    probe = ReadProbe()
+    mid = args.context + args.rounds * args.steps // 2  # llama.cpp's cache grows through the rounds; ours sits mid-way
     for preset in args.preset:
         hf = checkpoint(preset, with_tokenizer=True)  # the converter reads the tokenizer files
         for precision in args.precision:
-            theirs, their_bytes = llamacpp_step_ms(gguf(hf, precision, script), args.context, args.steps, args.threads)
+            path = gguf(hf, precision, script)
+            cases, sizes = {"llamacpp": LlamaSteps(path, args.context, args.steps, args.rounds, args.threads)}, {}
+            sizes["llamacpp"] = path.stat().st_size  # its tensors, plus a few MB of header and vocabulary
             for decode_linear in args.decode_linear:
                 if decode_linear == "invariant" and precision == "f16":
                     continue  # the invariant kernel takes float32 and bfloat16
-                qwen = load(hf, dtype=DTYPES[precision], decode_linear=decode_linear)
-                ours = decode_step_times(qwen.model, 1, args.context, repeats=args.steps - 2)
-                our_bytes = weight_bytes_per_token(qwen.model)
-                del qwen
-                ours_ms, theirs_ms = statistics.median(ours), statistics.median(theirs)
+                model = load(hf, dtype=DTYPES[precision], decode_linear=decode_linear).model
+                cases[decode_linear] = DecodeSteps(model, 1, mid, args.steps)
+                sizes[decode_linear] = weight_bytes_per_token(model)
+            results = interleaved(cases, args.rounds, probe)
+            theirs = results.pop("llamacpp")
+            for decode_linear, ours in results.items():
                 print(json.dumps({
                     "bench": "llamacpp", "preset": preset, "precision": precision, "decode_linear": decode_linear,
-                    "context": args.context, "threads": args.threads, "ours_ms": round(ours_ms, 2),
-                    "llamacpp_ms": round(theirs_ms, 2), "ours_tok_s": round(1e3 / ours_ms, 1),
-                    "llamacpp_tok_s": round(1e3 / theirs_ms, 1),
-                    "ratio_ours_vs_llamacpp": round(theirs_ms / ours_ms, 3),
-                    "ours_roofline": round(our_bytes / bandwidth / (ours_ms / 1e3), 3),
-                    "llamacpp_roofline": round(their_bytes / bandwidth / (theirs_ms / 1e3), 3),
-                    "ours_weight_bytes": our_bytes, "llamacpp_model_bytes": their_bytes}), flush=True)
+                    "context": mid, "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
+                    "ours_ms": round(ours["s"] * 1e3, 2), "llamacpp_ms": round(theirs["s"] * 1e3, 2),
+                    "ratio_ours_vs_llamacpp": round(statistics.median(
+                        t / o for t, o in zip(theirs["seconds"], ours["seconds"])), 3),
+                    "read_gb_s": round(ours["probe_bytes_per_s"] / 1e9, 1),
+                    "ours_roofline": round(roofline_fraction(sizes[decode_linear], ours["seconds"], ours["probes"]), 3),
+                    "llamacpp_roofline": round(roofline_fraction(sizes["llamacpp"], theirs["seconds"],
+                                                                 theirs["probes"]), 3),
+                    "ours_weight_bytes": sizes[decode_linear], "llamacpp_model_bytes": sizes["llamacpp"]}), flush=True)
+            del cases, results
 
 
 if __name__ == "__main__":

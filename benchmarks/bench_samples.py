@@ -1,6 +1,7 @@
 """n seeded samples of one prompt: one batched generation against single runs, in one process.
 
-The batched run is exact (the engine's exact mode on a model loaded with decode_linear="invariant"): the prompt
+The batched run is exact (the engine's exact mode on a model loaded with load()'s default options, whose decode
+linears on the CPU are the batch-invariant kernel: decode_linear="auto" resolves to "invariant"): the prompt
 is prefilled once and the n samples decode as one batch, and sample i must equal the single run with seed + i. The
 script checks that for the first --check samples and reports it. A single run and each of n sequential single runs
 do the same work, so the tokens/s of n sequential runs is the tokens/s of one run, which is what is timed
@@ -60,7 +61,10 @@ def main() -> int:
     seeds = [args.seed + i for i in range(args.samples)]
     path = checkpoint(args.preset)
     for dtype in args.dtype:
-        qwen = load(path, dtype=dtype, decode_linear="invariant")
+        qwen = load(path, dtype=dtype)  # the default options
+        if not qwen.model.backends.batch_invariant:
+            sys.exit(f"bench_samples: load()'s default decode linear here is {qwen.model.backends.name!r}, not the "
+                     "batch-invariant kernel (no C++ compiler?): the samples would not share a forward")
         run(qwen.model, prompt, seeds[:1], 4, exact=True)  # warm-up
         singles = [run(qwen.model, prompt, [seeds[i % args.samples]], args.new_tokens, exact=True)
                    for i in range(max(args.repeats, args.check))]
@@ -71,14 +75,14 @@ def main() -> int:
         batch_tok_s = args.samples * args.new_tokens / batch_s
         row = {"bench": "samples", "preset": args.preset, "dtype": dtype, "samples": args.samples,
                "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "threads": args.threads,
-               "decode_linear": "invariant", "single_run_s": round(single_s, 2),
+               "backends": qwen.model.backends.name, "single_run_s": round(single_s, 2),
                "sequential_tok_s": round(single_tok_s, 2), "batched_s": round(batch_s, 2),
                "batched_tok_s": round(batch_tok_s, 2), "speedup_vs_sequential": round(batch_tok_s / single_tok_s, 2),
                "checked_identical_to_single": identical, "checked": min(args.check, args.samples)}
         print(json.dumps(row), flush=True)
         del qwen
         if args.inexact:
-            qwen = load(path, dtype=dtype)
+            qwen = load(path, dtype=dtype, decode_linear="torch")
             t, _ = run(qwen.model, prompt, seeds, args.new_tokens, exact=False)
             print(json.dumps({"bench": "samples", "preset": args.preset, "dtype": dtype, "samples": args.samples,
                               "decode_linear": "torch", "exact": False, "batched_s": round(t, 2),

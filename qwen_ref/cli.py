@@ -62,9 +62,10 @@ def add_load_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> No
                    help="tensor parallelism over N ranks, started here (gloo on CPUs, NCCL on GPUs); see docs/scale.md")
     p.add_argument("--tp-exact", action="store_true",
                    help="with --tp: the one-rank arithmetic bit for bit (each layer's weights gathered whole; slower)")
-    p.add_argument("--decode-linear", choices=list(DECODE_LINEARS), default="torch",
-                   help="torch (default): BLAS, decode logits bit-equal to transformers; invariant: the "
-                        "batch-invariant CPU kernel (faster in bfloat16; see docs/performance.md)")
+    p.add_argument("--decode-linear", choices=list(DECODE_LINEARS), default="auto",
+                   help="auto (default): invariant on the CPU in float32/bfloat16 where it builds, else torch; "
+                        "torch: BLAS, decode logits bit-equal to transformers; invariant: the batch-invariant CPU "
+                        "kernel (memory speed; n samples share a forward; see docs/performance.md)")
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def load(
     lora: str | os.PathLike[str] | None = None,
     lora_dir: str | os.PathLike[str] | None = None,
     kernels: str = "torch",
-    decode_linear: str = "torch",
+    decode_linear: str = "auto",
     offload: str = "none",
     tp: int = 1,
     tp_exact: bool = False,
@@ -100,8 +100,10 @@ def load(
     """lora: an adapter directory (or a name in lora_dir) merged into the weights; lora_dir: a directory of
     named adapters that a request's `lora` field selects, applied unmerged to that request's rows (with lora_dir,
     `lora` is the adapter of requests that name none, also applied per row, never merged; see docs/lora.md).
-    decode_linear: "torch" (BLAS; decode logits bit-equal to transformers) or "invariant" (the batch-invariant
-    CPU kernel: exact batched decoding at batch speed, and bfloat16 at memory speed; see docs/performance.md).
+    decode_linear: "auto" (default: "invariant" on the CPU in float32 and bfloat16 where a C++ compiler builds
+    the kernel, else "torch"), "torch" (BLAS; decode logits bit-equal to transformers) or "invariant" (the
+    batch-invariant CPU kernel: decode at memory speed, n samples in one forward each bit-equal to its single
+    run; logits within float32 rounding of transformers; see docs/performance.md).
     offload: "none" (default) or "disk": the decoder layers stay in the safetensors files and each is read in
     just before it runs (checkpoint/offload.py; docs/scale.md): the same logits, a fraction of the memory.
     tp: tensor parallelism over N ranks (parallel/; docs/scale.md): started here, or joined under torchrun, where
@@ -116,12 +118,12 @@ def load(
     check_backend_options(kernels, decode_linear, device, torch_dtype)  # before any weight is read
     check_offload(offload)
     merged_lora = lora is not None and lora_dir is None
-    if offload != "none" and (merged_lora or decode_linear != "torch" or kernels != "torch"):
+    if offload != "none" and (merged_lora or decode_linear == "invariant" or kernels != "torch"):
         raise CheckpointError("offload='disk' streams the weights from the files as they are: it does not combine "
                               "with a merged lora (use lora_dir: adapters apply per row), decode_linear='invariant' "
                               "or Triton kernels")
     parallel = tp != 1 or tp_exact
-    if parallel and (lora is not None or lora_dir is not None or offload != "none" or decode_linear != "torch"):
+    if parallel and (lora is not None or lora_dir is not None or offload != "none" or decode_linear == "invariant"):
         raise CheckpointError("tp: a tensor-parallel model does not combine with lora, lora_dir, offload='disk' or "
                               "decode_linear='invariant'")
     tokenizer = load_tokenizer(path)
@@ -139,6 +141,8 @@ def load(
                                   kernels=kernels, load_args=args)
         return Qwen(model, tokenizer, config, path, generation, known, ranks=ranks)
     model = load_weights(path, config, dtype=torch_dtype, device=device, progress=progress, offload=offload)
+    if offload != "none":
+        decode_linear = "torch"  # "auto": the streamed layers are read as the files hold them
     registry = AdapterRegistry(lora_dir) if lora_dir is not None else None
     default = resolve_adapter(os.fspath(lora), registry) if lora is not None else None
     if default is not None and registry is None:

@@ -146,7 +146,10 @@ void run(const float* x, const std::vector<Part<W, O>>& parts, int64_t blocks, i
       const int64_t n = (b - part.first_block) * NB;
       const W* wb = part.w + n * K;
       const float* bb = part.bias ? part.bias + n : nullptr;
-      const int ahead = static_cast<int>(std::clamp<int64_t>(part.N - n - NB, 0, NB));
+      // float32 weights read by one or two rows of x stream fastest without it (0.97 against 0.83 of a torch.sum
+      // read of the same bytes, measured on Qwen2.5-0.5B's decode shapes); bfloat16 rows are half as long and gain
+      const int ahead = std::is_same_v<W, float> && M <= 2
+                            ? 0 : static_cast<int>(std::clamp<int64_t>(part.N - n - NB, 0, NB));
       block<NB>(x, wb, M, K, bb, part.y + n, part.N, part.N - n, ahead);
     }
   });

@@ -17,7 +17,7 @@ instructions computes fmaf in software, slowly). It is not bit-equal to BLAS, wh
 against a float64 reference its error is that of a float32 dot product (tests/test_invariant_linear.py).
 
 The C++ source (invariant_linear.cpp, beside this file) is compiled on first use with torch.utils.cpp_extension
-(needs a C++ compiler and ninja: pip install 'qwen-ref[cpu]'), for this CPU (-march=native), and cached.
+(needs a C++ compiler and ninja, a core dependency), for this CPU (-march=native), and cached.
 `invariant_linear_ref` is the PyTorch reference, computed in float64.
 """
 
@@ -68,7 +68,7 @@ def extension():
             except Exception as e:  # compiler, ninja or headers missing: say which, once
                 raise InvariantLinearUnavailable(
                     f"the batch-invariant CPU linear could not be built ({type(e).__name__}: {e}); it needs a C++ "
-                    "compiler, Python headers and ninja (pip install 'qwen-ref[cpu]')") from None
+                    "compiler, Python headers and ninja") from None
     return _module
 
 

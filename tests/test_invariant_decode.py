@@ -137,14 +137,62 @@ def test_a_batch_of_different_requests_equals_each_alone(tiny):
     assert [t["response"] for t in together] == [qwen_ref.generate(qwen, b)["response"] for b in bodies]
 
 
+def test_sixteen_requests_in_one_forward_equal_each_alone(tiny):
+    # qwen1.5's tiny MLP is 176 wide: torch's silu over [16, 1, 176] computed some elements of a row with scalar
+    # exp and others with vectorized exp, differently from the row alone (rows 9 and 15 drew other tokens)
+    qwen = qwen_ref.load(tiny("qwen1.5"))
+    bodies = [{"messages": [{"role": "user", "content": f"Question number {i}?"}], "max_tokens": 24,
+               "seed": 100 + i, "temperature": 1.0} for i in range(16)]
+    assert qwen_ref.generate(qwen, bodies) == [qwen_ref.generate(qwen, b) for b in bodies]
+
+
+@pytest.mark.parametrize("width", [176, 100, 4864, 27])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rowwise_activation_gives_each_row_its_bits_alone(width, dtype):
+    from qwen_ref.models.torch_ops import silu_mul, silu_mul_rowwise
+
+    g = torch.Generator().manual_seed(width)
+    gate, up = (torch.randn(33, 1, width, generator=g).mul(4).to(dtype) for _ in range(2))
+    for rows in (1, 2, 7, 16, 33):
+        batch = silu_mul_rowwise(gate[:rows], up[:rows])
+        for i in range(rows):
+            assert torch.equal(batch[i : i + 1], silu_mul(gate[i : i + 1], up[i : i + 1])), (rows, i)
+
+
 def test_bad_decode_linear_options_are_refused(tiny):
     path = tiny("qwen2.5")
-    with pytest.raises(CheckpointError, match="decode_linear: 'fast' is not supported; allowed: 'torch', 'invariant'"):
+    with pytest.raises(CheckpointError,
+                       match="decode_linear: 'fast' is not supported; allowed: 'auto', 'torch', 'invariant'"):
         load(path, decode_linear="fast")
     with pytest.raises(CheckpointError, match=r"float32 or bfloat16; got device cpu, dtype torch\.float64"):
         load(path, dtype="float64", decode_linear="invariant")
     with pytest.raises(CheckpointError, match=r"float32 or bfloat16; got device cpu, dtype torch\.float16"):
         load(path, dtype="float16", decode_linear="invariant")
+
+
+@pytest.mark.parametrize(("options", "name"), [
+    ({}, "invariant"), ({"dtype": "bfloat16"}, "invariant"), ({"decode_linear": "torch"}, "torch"),
+    ({"dtype": "float64"}, "torch"), ({"dtype": "float16"}, "torch"), ({"offload": "disk"}, "torch")])
+def test_the_default_decode_linear_is_the_invariant_kernel_where_it_runs(tiny, options, name):
+    qwen = load(tiny("qwen2.5"), **options)
+    assert qwen.model.backends.name == name
+    assert qwen.model.backends.batch_invariant == (name == "invariant")
+
+
+def test_auto_falls_back_to_torch_when_the_kernel_cannot_be_built(tiny, monkeypatch, caplog):
+    from qwen_ref.models import backends
+    from qwen_ref_kernels.invariant_linear import InvariantLinearUnavailable
+
+    def no_compiler():
+        raise InvariantLinearUnavailable("the batch-invariant CPU linear could not be built (no c++)")
+
+    monkeypatch.setattr(backends, "extension", no_compiler)
+    with caplog.at_level("WARNING", logger="qwen_ref"):
+        qwen = load(tiny("qwen2.5"))
+    assert qwen.model.backends.name == "torch"
+    assert "decode_linear='auto' uses torch's linears" in caplog.text and "no c++" in caplog.text
+    with pytest.raises(CheckpointError, match=r"decode_linear='invariant': .*no c\+\+"):
+        load(tiny("qwen2.5"), decode_linear="invariant")  # asked for by name: an error, not a fallback
 
 
 def test_server_exact_batching_decodes_the_requests_in_one_forward(tiny):

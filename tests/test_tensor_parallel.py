@@ -27,7 +27,7 @@ def test_tensor_parallel_logits_equal_one_rank(tiny, tmp_path, preset, world, dt
     out = tmp_path / "logits.pt"
     spawn(rank_logits, world, str(tiny(preset)), dtype, IDS, str(out), timeout_s=60)
     got = torch.load(out)
-    one = qwen_ref.load(tiny(preset), dtype=str(dtype).removeprefix("torch."))
+    one = qwen_ref.load(tiny(preset), dtype=str(dtype).removeprefix("torch."), decode_linear="torch")
     x = torch.tensor([IDS])
     with torch.inference_mode():
         expected = {"full": one.model(x), "cached": cached_logits(one.model, x, dtype)}
@@ -46,7 +46,7 @@ def test_exact_order_is_one_rank_bit_for_bit(tiny, tmp_path, preset, world, dtyp
     out = tmp_path / "logits.pt"
     spawn(rank_logits, world, str(tiny(preset)), dtype, IDS, str(out), True, timeout_s=60)
     got = torch.load(out)
-    one = qwen_ref.load(tiny(preset), dtype=str(dtype).removeprefix("torch."))
+    one = qwen_ref.load(tiny(preset), dtype=str(dtype).removeprefix("torch."), decode_linear="torch")
     x = torch.tensor([IDS])
     with torch.inference_mode():
         assert torch.equal(got["full"], one.model(x))

@@ -36,14 +36,14 @@ def _tp(path, **options):
 @pytest.mark.parametrize(("preset", "world"), [(p, 2) for p in PRESETS if not p.endswith("0.5b-shape")] +
                          [("qwen1.5", 4)])
 def test_greedy_generation_equals_one_rank(tiny, preset, world):
-    one = qwen_ref.load(tiny(preset), dtype="float32")
+    one = qwen_ref.load(tiny(preset), dtype="float32", decode_linear="torch")
     with _tp(tiny(preset), tp=world) as two:
         assert qwen_ref.generate(two, GREEDY) == qwen_ref.generate(one, GREEDY)
 
 
 def test_exact_order_gives_one_ranks_draws_samples_and_scores(tiny):
     path = tiny("qwen2.5-coder-32b-shape")
-    one = qwen_ref.load(path, dtype="float32")
+    one = qwen_ref.load(path, dtype="float32", decode_linear="torch")
     with _tp(path, tp=2, tp_exact=True) as two:
         assert qwen_ref.generate(two, SEEDED) == qwen_ref.generate(one, SEEDED)
         assert qwen_ref.generate(two, SEEDED, n=3) == qwen_ref.generate(one, SEEDED, n=3)  # cloned caches
@@ -58,7 +58,7 @@ def test_batched_decoding_and_prefill_in_pieces(tiny):
     # the engine's fast mode: requests share decode forwards (RowCaches) while a long prompt is prefilled a chunk
     # at a time between them; with tp_exact every forward is one rank's, so the batch's results are one rank's
     path = tiny("qwen2.5")
-    one = qwen_ref.load(path, dtype="float32")
+    one = qwen_ref.load(path, dtype="float32", decode_linear="torch")
     with _tp(path, tp=2, tp_exact=True) as two:
         long = "A much longer prompt that takes several prefill chunks to get through. " * 4
         batch = [{"prompt": text, "max_tokens": 10, "seed": i + 1, "temperature": 0.8}
@@ -80,7 +80,8 @@ def test_torchrun_starts_the_ranks(tiny, tmp_path):
     assert len(lines) == 1  # the code after load() runs on rank 0 only
     import json
 
-    assert json.loads(lines[0][7:]) == qwen_ref.generate(qwen_ref.load(path, dtype="float32"), GREEDY)
+    one = qwen_ref.load(path, dtype="float32", decode_linear="torch")
+    assert json.loads(lines[0][7:]) == qwen_ref.generate(one, GREEDY)
 
 
 def test_cli_run_with_tp(tiny):
@@ -88,7 +89,7 @@ def test_cli_run_with_tp(tiny):
     args = [sys.executable, "-m", "qwen_ref.cli", "run", str(path), "--prompt", "def add(a, b):", "--raw",
             "--max-tokens", "12", "--temperature", "0", "--dtype", "float32"]
     one, two = (subprocess.run(a, capture_output=True, text=True, timeout=240, cwd=ROOT)
-                for a in (args, [*args, "--tp", "2"]))
+                for a in ([*args, "--decode-linear", "torch"], [*args, "--tp", "2"]))
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout == one.stdout
 
@@ -168,7 +169,7 @@ def test_the_server_with_tp_answers_and_stops_its_ranks(tiny):
     try:
         assert len(_followers_of(s.proc.pid)) == 1
         answers = [requests.post(s.run_url("tiny"), json=GREEDY, headers=s.auth, timeout=60) for _ in range(2)]
-        expected = qwen_ref.generate(qwen_ref.load(path), GREEDY)
+        expected = qwen_ref.generate(qwen_ref.load(path, decode_linear="torch"), GREEDY)
         assert all(a.status_code == 200 and a.json()["result"] == expected for a in answers)
     finally:
         stop_server(s)
@@ -203,7 +204,7 @@ def _prompt_logprobs_beside_a_decoding_request(qwen, text: str) -> tuple[list, l
 
 def test_prompt_logprobs_from_a_prefill_run_a_layer_at_a_time(tiny):
     path = tiny("qwen1.5")
-    one = qwen_ref.load(path, dtype="float32")
+    one = qwen_ref.load(path, dtype="float32", decode_linear="torch")
     with _tp(path, tp=2, tp_exact=True) as two:
         text = "The quick brown fox jumps over the lazy dog. " * 8
         assert _prompt_logprobs_beside_a_decoding_request(two, text) == \

@@ -4,6 +4,7 @@
     attention(q, k, v, q_pos, window, scale)                 prefill: many queries per row (or no cache)
     decode_attention(q, k, v, q_pos, window, scale)          one query per row over its cached keys
     linear(x, layers)                                        x through each Linear layer that reads it
+    silu_mul(gate, up)                                       the MLP's activation
 
 torch (models/torch_ops.py) is the reference. Triton (qwen_ref_kernels) replaces RMSNorm and attention;
 the batch-invariant CPU kernel replaces the decode-step linears. The rules that keep the reference's meaning:
@@ -13,6 +14,7 @@ kernels have no window).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +32,9 @@ from qwen_ref_kernels.invariant_linear import (  # the module needs no compiler 
 )
 
 KERNELS = ("torch", "triton", "auto")
-DECODE_LINEARS = ("torch", "invariant")
+DECODE_LINEARS = ("auto", "torch", "invariant")
+
+log = logging.getLogger("qwen_ref")
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int | None, float], torch.Tensor]
 
@@ -42,11 +46,13 @@ class Backends:
     attention: Attend
     decode_attention: Attend
     linear: Callable[[torch.Tensor, Sequence[nn.Linear]], list[torch.Tensor]]
+    silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     # decode steps compute each row as it is computed alone, whatever else is in the batch
     batch_invariant: bool = False
 
 
-TORCH = Backends("torch", torch_ops.rms_norm, torch_ops.attention, torch_ops.attention, torch_ops.linear)
+TORCH = Backends("torch", torch_ops.rms_norm, torch_ops.attention, torch_ops.attention, torch_ops.linear,
+                 torch_ops.silu_mul)
 
 
 def check_backend_options(kernels: str, decode_linear: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -56,29 +62,37 @@ def check_backend_options(kernels: str, decode_linear: str, device: torch.device
     if decode_linear not in DECODE_LINEARS:
         raise CheckpointError(f"decode_linear: {decode_linear!r} is not supported; allowed: "
                               f"{', '.join(map(repr, DECODE_LINEARS))}")
-    if decode_linear == "invariant" and (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16)):
+    if decode_linear == "invariant" and not invariant_runs(device, dtype):
         raise CheckpointError(f"decode_linear='invariant' runs on the CPU in float32 or bfloat16; got device "
                               f"{device}, dtype {dtype}")
     _use_triton(kernels, device)
 
 
-def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear: str = "torch") -> Backends:
-    """The backends for a loaded model on its device and dtype; a typed error when one cannot run there."""
+def invariant_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where decode_linear="auto" means "invariant": the CPU kernel's device and dtypes."""
+    return device.type == "cpu" and dtype in SUPPORTED_WEIGHT_DTYPES
+
+
+def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear: str = "auto") -> Backends:
+    """The backends for a loaded model on its device and dtype; a typed error when one cannot run there.
+    decode_linear="auto" is "invariant" where the kernel runs and builds, else "torch" (the reason is logged)."""
     weight = model.lm_head.weight
     check_backend_options(kernels, decode_linear, weight.device, weight.dtype)
+    if decode_linear == "auto":
+        decode_linear = "invariant" if invariant_runs(weight.device, weight.dtype) and _builds() else "torch"
     names, ops = [], {}
     if _use_triton(kernels, weight.device):
         ops.update(_triton_ops())
         names.append("triton")
     if decode_linear == "invariant":
-        ops.update(linear=_invariant_linear(model), batch_invariant=True)
+        ops.update(linear=_invariant_linear(model), silu_mul=torch_ops.silu_mul_rowwise, batch_invariant=True)
         names.append("invariant")
     return Backends("+".join(names) or "torch", **{**_torch_fields(), **ops})
 
 
 def _torch_fields() -> dict:
     return {"rms_norm": TORCH.rms_norm, "attention": TORCH.attention, "decode_attention": TORCH.decode_attention,
-            "linear": TORCH.linear}
+            "linear": TORCH.linear, "silu_mul": TORCH.silu_mul}
 
 
 def _use_triton(kernels: str, device: torch.device) -> bool:
@@ -124,6 +138,15 @@ def _triton_ops() -> dict:
         return flash_decode(q, k, v, seq_lens, scale=scale)
 
     return {"rms_norm": rms_norm, "attention": attention, "decode_attention": decode_attention}
+
+
+def _builds() -> bool:
+    try:
+        extension()
+    except InvariantLinearUnavailable as e:
+        log.warning("decode_linear='auto' uses torch's linears: %s", e)
+        return False
+    return True
 
 
 def _invariant_linear(model: nn.Module) -> Callable[[torch.Tensor, Sequence[nn.Linear]], list[torch.Tensor]]:

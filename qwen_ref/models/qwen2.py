@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen_ref.config import QwenConfig
 from qwen_ref.models.backends import TORCH, Backends
 from qwen_ref.models.kv_cache import KVCache, RowCaches
 from qwen_ref.models.rope import RotaryEmbedding
-from qwen_ref.models.torch_ops import rotate_half
+from qwen_ref.models.torch_ops import rope, rope_sin
 
 
 @dataclass
@@ -26,8 +25,8 @@ class Forward:
     """What every layer of one forward reads: positions, rotations, the cache, the ops, per-row adapters."""
 
     positions: torch.Tensor  # [B, T]
-    cos: torch.Tensor  # [B, T, D]
-    sin: torch.Tensor
+    cos: torch.Tensor  # [B, 1, T, D]: one rotation per row and position, shared by the heads
+    sin: torch.Tensor  # [B, 1, T, D], its first half negated (torch_ops.rope)
     cache: KVCache | RowCaches | None
     ops: Backends
     lora: Any = None  # qwen_ref.lora.RowAdapters: each row's LoRA adapter, applied unmerged
@@ -71,9 +70,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        cos, sin = fwd.cos[:, None], fwd.sin[:, None]  # [B, 1, T, D]: one rotation per row and position
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rope(q, fwd.cos, fwd.sin), rope(k, fwd.cos, fwd.sin)
 
         if fwd.cache is None:
             out = fwd.ops.attention(q, k, v, fwd.positions, self.sliding_window, self.scaling)
@@ -95,7 +92,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
         gate, up = fwd.linear(x, self.gate_proj, self.up_proj)
-        return fwd.linear(F.silu(gate) * up, self.down_proj)[0]
+        return fwd.linear(fwd.ops.silu_mul(gate, up), self.down_proj)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -188,7 +185,7 @@ class QwenForCausalLM(nn.Module):
             positions = cache.positions(T)
             seq_lens = cache.lengths + num_new
         cos, sin = self.model.rotary_emb(positions, seq_lens, self.lm_head.weight.dtype)
-        fwd = Forward(positions, cos, sin, cache, self.backends, lora)
+        fwd = Forward(positions, cos[:, None], rope_sin(sin)[:, None], cache, self.backends, lora)
         return Pass(fwd, self.model.embed_tokens(input_ids), num_new)  # x: [B, T, hidden]
 
     def run_layers(self, p: Pass, count: int | None = None) -> bool:

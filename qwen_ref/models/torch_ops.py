@@ -29,9 +29,34 @@ def linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
     return [F.linear(x, m.weight, m.bias) for m in layers]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation, silu(gate) * up, as HF."""
+    return F.silu(gate) * up
+
+
+def silu_mul_rowwise(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu_mul with each row [1, T, N] of the batch computed by its own silu call, as the row is computed alone.
+
+    torch's silu computes most elements with vectorized exp and the few left at the end of its loop (or of a
+    thread's share) with scalar exp, and the two differ in the last bit. In one call over [B, 1, N] an element's
+    place in those loops depends on B, so a row's bits could depend on the batch; they did for N = 176 (issue 17).
+    The product with up is exact elementwise either way."""
+    if gate.shape[0] == 1:
+        return silu_mul(gate, up)
+    return torch.cat([F.silu(g) for g in gate.split(1)]) * up  # [B, T, N]
+
+
+def rope_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., D] with its first half negated, once per forward: what rope() multiplies the swapped halves by."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's x * cos + rotate_half(x) * sin, bit for bit, in 4 ops instead of 7: rotate_half(x) is
+    cat(-x2, x1) = roll(x, D/2) with the first half negated, and (-a) * s == a * (-s) exactly in IEEE arithmetic,
+    so the negation moves onto sin (rope_sin) and is paid once per forward instead of once per layer."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def attention_mask(q_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:

@@ -249,7 +249,7 @@ def load_tensor_parallel(directory: Path, config: QwenConfig, *, dtype: torch.dt
     embed = model.model.embed_tokens
     embed.__class__ = VocabParallelEmbedding
     embed.start, embed.vocab_size, embed.group = rank * config.vocab_size // world, config.vocab_size, group
-    backends = resolve_backends(model, kernels=kernels)
+    backends = resolve_backends(model, kernels=kernels, decode_linear="torch")
     if exact:
         model.__class__ = _ExactTensorParallelForCausalLM
         model.whole = whole

@@ -1,0 +1,87 @@
+"""Prefill speed against torch.mm on the same shapes, in one run.
+
+A prompt of T tokens is one forward through the engine's model call (a KV cache, logits of the last token only,
+as the engine's last prefill chunk). Its floor is the matrix products: every linear of every layer over T rows,
+and the lm_head over one row. This script times both, alternating in each round, and reports how close the
+forward comes to the products alone (--rounds rounds, medians):
+
+    mm_fraction = time(torch.mm over the forward's linear shapes) / time(forward)
+
+The rest of the forward is attention (T^2 work, growing with T), RMSNorm, rope and the residual adds.
+
+    python benchmarks/bench_prefill.py [--preset qwen2.5-0.5b-shape ...] [--dtype float32 bfloat16]
+                                       [--tokens 512 4096] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import PRESETS, checkpoint
+
+from qwen_ref.qwen import load
+
+
+def forward(model, ids: torch.Tensor) -> float:
+    cache = model.new_cache(1, ids.shape[1])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model(ids, cache=cache, last_only=True)
+    return time.perf_counter() - t
+
+
+def products(model, tokens: int) -> float:
+    """torch.mm of every linear's weight over `tokens` rows (the lm_head over one), the weights as the model
+    holds them; activations made once, outside the timing."""
+    weight = model.lm_head.weight
+    mats = [(m.weight, torch.randn(tokens, m.weight.shape[1], dtype=weight.dtype))
+            for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    mats.append((weight, torch.randn(1, weight.shape[1], dtype=weight.dtype)))
+    t = time.perf_counter()
+    for w, x in mats:
+        torch.mm(x, w.t())
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", nargs="+", default=list(PRESETS), choices=PRESETS)
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 4096])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    for preset in args.preset:
+        for dtype in args.dtype:
+            model = load(checkpoint(preset), dtype=dtype).model
+            for tokens in args.tokens:
+                ids = torch.randint(0, 151643, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+                run_forward, run_mm = functools.partial(forward, model, ids), functools.partial(products, model, tokens)
+                run_forward(), run_mm()  # warm-up
+                fwd, mm = [], []
+                for _ in range(args.rounds):
+                    fwd.append(run_forward())
+                    mm.append(run_mm())
+                f, m = statistics.median(fwd), statistics.median(mm)
+                print(json.dumps({"bench": "prefill", "preset": preset, "dtype": dtype, "tokens": tokens,
+                                  "threads": args.threads, "forward_s": round(f, 3), "mm_s": round(m, 3),
+                                  "prefill_tok_s": round(tokens / f, 1), "mm_tok_s": round(tokens / m, 1),
+                                  "mm_fraction": round(statistics.median(b / a for a, b in zip(fwd, mm)), 3)}),
+                      flush=True)
+            del model
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
