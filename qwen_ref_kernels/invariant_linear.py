@@ -4,14 +4,20 @@ summed in one fixed order that depends only on the input size K, never on how ma
 Why: a BLAS matmul picks its kernel by shape, so row i of a [32, K] product can differ in the last bits from the
 same row computed alone. This kernel makes a batched decode step bit-equal to each row decoded alone, which
 lets n seeded samples share one read of the weights (issue 8) and still equal running each sample alone. It
-also reads bfloat16 weights at memory speed on CPUs without bfloat16 instructions, where the BLAS path is
-compute-bound.
+also reads the weights of a decode step at close to memory speed, which BLAS's one-row products do not here.
 
-Order of the sum for y[m, n] (float32 throughout; bfloat16 weights widen exactly to float32):
-    lane j (0..15) accumulates x[m, k] * w[n, k] for k = j, j + 16, ... < 16 * (K // 16), each step a fused
-    multiply-add (acc = fmaf(x, w, acc): one rounding); the 16 lanes are then folded in halves (lane j += lane
-    j + 8, then j + 4, j + 2, j + 1); the tail k = 16 * (K // 16) .. K - 1 is added in order, again by fmaf; then
-    the bias is added. The float32 result is rounded once to the output dtype (bfloat16: to nearest even).
+Order of the sum for y[m, n], all in float32 (x and the weight share one dtype):
+  float32: lane j (0..15) accumulates x[m, k] * w[n, k] for k = j, j + 16, ... < 16 * (K // 16), each step a
+    fused multiply-add (acc = fmaf(x, w, acc): one rounding).
+  bfloat16: the inputs go in pairs; lane j (0..15) takes, for each block of 32 inputs starting at b = 0, 32, ...
+    < 32 * (K // 32), the pair k = b + 2j, b + 2j + 1: acc = fmaf(x[k + 1], w[k + 1], acc), then
+    acc = fmaf(x[k], w[k], acc), with a subnormal input or result read as a zero of its sign. That is what the
+    avx512_bf16 instruction VDPBF16PS computes (its products are exact in float32; it runs with denormals-are-zero
+    and flush-to-zero); on a CPU without it the kernel performs the same steps one by one, and the tests check
+    the two bit for bit. A bfloat16 subnormal is below 1.2e-38.
+  Then, both: the 16 lanes are folded in halves (lane j += lane j + 8, then j + 4, j + 2, j + 1); the tail (the
+    last K % 16, or K % 32, inputs) is added in order, again by fmaf; then the bias is added. The float32 result
+    is rounded once to the output dtype (bfloat16: to nearest even).
 Every step is a correctly rounded IEEE operation, so the result is the same on any CPU (a CPU without FMA
 instructions computes fmaf in software, slowly). It is not bit-equal to BLAS, which sums in another order:
 against a float64 reference its error is that of a float32 dot product (tests/test_invariant_linear.py).
@@ -64,7 +70,8 @@ def extension():
                 from torch.utils.cpp_extension import load_inline
 
                 _module = load_inline(name=f"qwen_ref_invariant_linear_{_cpu_signature()}", cpp_sources=_SOURCE,
-                                      functions=["linears"], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
+                                      functions=["linears", "native_bf16_pairs"], extra_cflags=_FLAGS,
+                                      extra_ldflags=["-fopenmp"])
             except Exception as e:  # compiler, ninja or headers missing: say which, once
                 raise InvariantLinearUnavailable(
                     f"the batch-invariant CPU linear could not be built ({type(e).__name__}: {e}); it needs a C++ "

@@ -117,6 +117,69 @@ def test_the_documented_summation_order_bit_for_bit(K, N):
             assert y[m, n] == want, (K, m, n, y[m, n], want)
 
 
+TINY = Fraction(1, 2**126)  # the smallest normal float32 (and bfloat16)
+
+
+def _flush(v: Fraction) -> Fraction:
+    return Fraction(0) if abs(v) < TINY else v  # a subnormal is a zero (the sign of a zero adds nothing here)
+
+
+def _documented_order_bf16(x: np.ndarray, w: np.ndarray) -> float:
+    """The bfloat16 order of the module docstring, in exact arithmetic with one float32 rounding per step."""
+    K, L = len(x), 16
+    xs, ws = [Fraction(float(a)) for a in x], [Fraction(float(a)) for a in w]
+    lanes = [Fraction(0)] * L
+    body = 2 * L * (K // (2 * L))
+    for b in range(0, body, 2 * L):
+        for j in range(L):
+            for k in (b + 2 * j + 1, b + 2 * j):  # the pair's odd element first, as VDPBF16PS
+                lanes[j] = _flush(_f32(_flush(xs[k]) * _flush(ws[k]) + lanes[j]))
+    width = L // 2
+    while width >= 1:
+        for j in range(width):
+            lanes[j] = _f32(lanes[j] + lanes[j + width])
+        width //= 2
+    s = lanes[0]
+    for k in range(body, K):
+        s = _f32(xs[k] * ws[k] + s)
+    return float(s)
+
+
+@pytest.mark.parametrize("K", [7, 32, 45, 64, 101])
+def test_the_documented_bfloat16_order_bit_for_bit(K):
+    x, w, _ = _inputs(3, K, 5, torch.bfloat16, bias=False, seed=K)
+    x[0] *= 1e-20  # row 0 times weight 0: products and sums below the float32 normal range, flushed
+    w[0] *= 1e-19
+    w[1, 1::4] = 3e-39  # subnormal bfloat16 inputs: read as zero
+    x[2, :5] = -4e-39
+    y = invariant_linear(x, w)
+    for m in range(3):
+        for n in range(5):
+            want = torch.tensor(_documented_order_bf16(x[m].float().numpy(), w[n].float().numpy())).bfloat16()
+            assert y[m, n].view(torch.int16) == want.view(torch.int16), (K, m, n, y[m, n], want)
+
+
+def test_the_bfloat16_instruction_and_its_spelled_out_steps_agree():
+    from qwen_ref_kernels.invariant_linear import extension
+
+    if not extension().native_bf16_pairs():
+        pytest.skip("this CPU has no avx512_bf16: the spelled-out steps are what runs, checked by the order test")
+    from torch.utils.cpp_extension import load_inline
+
+    from qwen_ref_kernels import invariant_linear as il
+
+    spelled = load_inline(name=f"qwen_ref_invariant_linear_{il._cpu_signature()}_no_bf16", cpp_sources=il._SOURCE,
+                          functions=["linears", "native_bf16_pairs"], extra_cflags=[*il._FLAGS, "-mno-avx512bf16"],
+                          extra_ldflags=["-fopenmp"])
+    assert spelled.native_bf16_pairs() == 0
+    g = torch.Generator().manual_seed(0)
+    for M, K, N in [(1, 896, 300), (5, 4864, 64), (32, 96, 40), (3, 77, 9)]:
+        x = torch.randn(M, K, generator=g).bfloat16()
+        w = (torch.randn(N, K, generator=g) * torch.logspace(-40, 2, K)).bfloat16()  # subnormals to large
+        b = torch.randn(N, generator=g).bfloat16()
+        assert torch.equal(spelled.linears(x, [w], [b])[0], invariant_linear(x, w, b)), (M, K, N)
+
+
 def test_bad_inputs_name_the_problem():
     x, w, _ = _inputs(2, 8, 3, torch.float32, bias=True)
     with pytest.raises(ValueError, match="float16 is not supported"):
