@@ -58,16 +58,21 @@ inline vf dot_pairs(vu x, vu w, vf acc) {
 inline float widen(float v) { return v; }
 inline float widen(bf16 v) { return static_cast<float>(v); }
 
-typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
-typedef float v2 __attribute__((vector_size(2 * sizeof(float))));
-
-inline float fold(vf a) {  // lanes folded in halves, a fixed order: lane j += lane j + 8, then + 4, + 2, + 1
-  v8 a8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-          __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 a4 = __builtin_shufflevector(a8, a8, 0, 1, 2, 3) + __builtin_shufflevector(a8, a8, 4, 5, 6, 7);
-  v2 a2 = __builtin_shufflevector(a4, a4, 0, 1) + __builtin_shufflevector(a4, a4, 2, 3);
-  return a2[0] + a2[1];
+// The lanes of 16 accumulators folded in halves, a fixed order for each: lane j += lane j + 8, then + 4, + 2, + 1;
+// lane o of the result is accumulator o's sum. Two accumulators share each vector add (15 adds for 16 sums).
+inline vf fold16(const vf* a) {
+  vf c[8], d[4], e[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: partials of a[2i]; lanes 8-15: of a[2i + 1]
+    c[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // four lanes each of a[4i], a[4i + 1], a[4i + 2], a[4i + 3]
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // two lanes each of a[8i] .. a[8i + 7]
+    e[i] = __builtin_shufflevector(d[2 * i], d[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(d[2 * i], d[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 // Inputs one step of the sum consumes: 16 float32, or 32 bfloat16 (16 pairs)
@@ -104,9 +109,15 @@ inline void tile(const T* x, const T* w, int64_t K, const float* bias, O* y, int
       }
     }
   }
+  constexpr int C = (MB * NB + 15) / 16;  // fold16 calls
+  vf all[16 * C] = {};
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) all[m * NB + n] = acc[m][n];
+  vf folded[C];
+  for (int c = 0; c < C; ++c) folded[c] = fold16(all + 16 * c);
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < NB; ++n) {
-      float s = fold(acc[m][n]);
+      float s = folded[(m * NB + n) / 16][(m * NB + n) % 16];
       for (int64_t t = k; t < K; ++t) s = __builtin_fmaf(widen(x[m * K + t]), widen(w[n * K + t]), s);
       if (bias) s += bias[n];
       y[m * N + n] = static_cast<O>(s);
@@ -130,6 +141,7 @@ inline void rows(const T* x, const T* w, int64_t M, int64_t K, const float* bias
 // One weight matrix of a call: its rows are cut into blocks of NB; blocks of all matrices share one thread pool.
 template <typename T, typename O>
 struct Part {
+  const T* x;  // [M, K]
   const T* w;
   const float* bias;
   O* y;
@@ -148,7 +160,7 @@ inline void block(const T* x, const T* wb, int64_t M, int64_t K, const float* bb
 }
 
 template <int NB, typename T, typename O>
-void run(const T* x, const std::vector<Part<T, O>>& parts, int64_t blocks, int64_t M, int64_t K) {
+void run(const std::vector<Part<T, O>>& parts, int64_t blocks, int64_t M, int64_t K) {
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     size_t p = 0;
     for (int64_t b = b0; b < b1; ++b) {
@@ -160,7 +172,7 @@ void run(const T* x, const std::vector<Part<T, O>>& parts, int64_t blocks, int64
       // weights read by one or two rows of x stream fastest without it (float32: 0.99 against 0.90 of a torch.sum
       // read of the same bytes; bfloat16: 0.69 against 0.66, measured on Qwen2.5-0.5B's decode shapes)
       const int ahead = M <= 2 ? 0 : static_cast<int>(std::clamp<int64_t>(part.N - n - NB, 0, NB));
-      block<NB>(x, wb, M, K, bb, part.y + n, part.N, part.N - n, ahead);
+      block<NB>(part.x, wb, M, K, bb, part.y + n, part.N, part.N - n, ahead);
     }
   });
 }
@@ -191,15 +203,107 @@ std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<t
     const int64_t N = ws[i].size(0);
     ys.push_back(torch::empty({M, N}, ws[i].options()));
     biases.push_back(bs[i].numel() ? widened(bs[i]) : std::vector<float>());
-    parts.push_back({ws[i].data_ptr<T>(), bs[i].numel() ? biases.back().data() : nullptr, ys.back().data_ptr<T>(),
-                     N, blocks});
+    parts.push_back({x.data_ptr<T>(), ws[i].data_ptr<T>(), bs[i].numel() ? biases.back().data() : nullptr,
+                     ys.back().data_ptr<T>(), N, blocks});
     blocks += (N + nb - 1) / nb;
   }
   if (nb == 8)
-    run<8>(x.data_ptr<T>(), parts, blocks, M, K);
+    run<8>(parts, blocks, M, K);
   else
-    run<4>(x.data_ptr<T>(), parts, blocks, M, K);
+    run<4>(parts, blocks, M, K);
   return ys;
+}
+
+// Decode attention of one row, per KV head h: scores[h] = q[h] k[h]^T with the linear's order (q [KV, G, D] the
+// G query heads that read KV head h, k [KV, S, D] its keys); blocks of all heads share one thread pool.
+template <typename T>
+torch::Tensor run_head_scores(const torch::Tensor& q, const torch::Tensor& k) {
+  const int64_t KV = q.size(0), G = q.size(1), D = q.size(2), S = k.size(1);
+  torch::Tensor scores = torch::empty({KV, G, S}, q.options());
+  std::vector<Part<T, T>> parts;
+  const int64_t nb = G <= 2 ? 8 : 4;
+  int64_t blocks = 0;
+  for (int64_t h = 0; h < KV; ++h) {
+    parts.push_back({q.data_ptr<T>() + h * G * D, k.data_ptr<T>() + h * k.stride(0), nullptr,
+                     scores.data_ptr<T>() + h * G * S, S, blocks});
+    blocks += (S + nb - 1) / nb;
+  }
+  if (nb == 8)
+    run<8>(parts, blocks, G, D);
+  else
+    run<4>(parts, blocks, G, D);
+  return scores;
+}
+
+inline vf load16(const float* p) { return load(p); }
+inline vf load16(const bf16* p) {  // 16 bfloat16 widened exactly: the stored bits become the high half
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return as_float(__builtin_convertvector(h, vu) << 16);
+}
+
+// out[g, d0:d0+32] = sum over s of p[g, s] * v[s, d0:d0+32], s ascending, each step an fmaf in float32, for GB query
+// heads at once (each (g, d) runs the same sequence whatever GB is); rounded once to T at the end.
+template <int GB, typename T>
+void weighted_block(const T* p, int64_t S, const T* v, int64_t D, int64_t d0, T* out) {
+  vf acc[GB][2];
+  for (int g = 0; g < GB; ++g) acc[g][0] = acc[g][1] = vf{};
+  for (int64_t s = 0; s < S; ++s) {
+    const vf v0 = load16(v + s * D + d0), v1 = load16(v + s * D + d0 + L);
+    for (int g = 0; g < GB; ++g) {
+      const float pg = widen(p[g * S + s]);
+      const vf pb = pg - vf{};  // broadcast (x - 0 keeps a zero's sign)
+      acc[g][0] = fmadd(pb, v0, acc[g][0]);
+      acc[g][1] = fmadd(pb, v1, acc[g][1]);
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int j = 0; j < 2 * L; ++j) out[g * D + d0 + j] = static_cast<T>(acc[g][j / L][j % L]);
+}
+
+template <typename T>
+void weighted_tail(const T* p, int64_t G, int64_t S, const T* v, int64_t D, int64_t d, T* out) {  // one column d
+  for (int64_t g = 0; g < G; ++g) {
+    float a = 0.0f;
+    for (int64_t s = 0; s < S; ++s) a = __builtin_fmaf(widen(p[g * S + s]), widen(v[s * D + d]), a);
+    out[g * D + d] = static_cast<T>(a);
+  }
+}
+
+template <typename T>
+void weighted_heads(const T* p, int64_t G, int64_t S, const T* v, int64_t D, T* out) {
+  const int64_t chunks = D / (2 * L);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t g = 0; g < G; g += 8) {
+      const T* pg = p + g * S;
+      T* og = out + g * D;
+      switch (std::min<int64_t>(8, G - g)) {
+        case 8: weighted_block<8>(pg, S, v, D, c * 2 * L, og); break;
+        case 7: weighted_block<7>(pg, S, v, D, c * 2 * L, og); break;
+        case 6: weighted_block<6>(pg, S, v, D, c * 2 * L, og); break;
+        case 5: weighted_block<5>(pg, S, v, D, c * 2 * L, og); break;
+        case 4: weighted_block<4>(pg, S, v, D, c * 2 * L, og); break;
+        case 3: weighted_block<3>(pg, S, v, D, c * 2 * L, og); break;
+        case 2: weighted_block<2>(pg, S, v, D, c * 2 * L, og); break;
+        default: weighted_block<1>(pg, S, v, D, c * 2 * L, og); break;
+      }
+    }
+  for (int64_t d = chunks * 2 * L; d < D; ++d) weighted_tail(p, G, S, v, D, d, out);
+}
+
+// out[h] = p[h] v[h]: p [KV, G, S] the probabilities, v [KV, S, D]; heads share one thread pool
+template <typename T>
+torch::Tensor run_weighted_rows(const torch::Tensor& p, const torch::Tensor& v) {
+  const int64_t KV = p.size(0), G = p.size(1), S = p.size(2), D = v.size(2);
+  torch::Tensor out = torch::empty({KV, G, D}, p.options());
+  const T* pp = p.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t vstride = v.stride(0);
+  at::parallel_for(0, KV, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) weighted_heads(pp + h * G * S, G, S, vp + h * vstride, D, op + h * G * D);
+  });
+  return out;
 }
 }  // namespace
 
@@ -208,6 +312,29 @@ std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<t
 std::vector<torch::Tensor> linears(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> bs) {
   if (x.scalar_type() == torch::kBFloat16) return run_parts<bf16>(x, ws, bs);
   return run_parts<float>(x, ws, bs);
+}
+
+void check_heads(const torch::Tensor& a, const torch::Tensor& kv, const char* what) {
+  TORCH_CHECK(a.dim() == 3 && kv.dim() == 3 && a.size(0) == kv.size(0) && a.is_contiguous() &&
+                  kv.stride(2) == 1 && kv.stride(1) == kv.size(2) && a.scalar_type() == kv.scalar_type() &&
+                  (a.scalar_type() == torch::kFloat || a.scalar_type() == torch::kBFloat16),
+              what, ": want [KV, G, .] contiguous and [KV, S, D] with contiguous rows, one dtype (float32/bfloat16)");
+}
+
+// q [KV, G, D], k [KV, S, D] (rows contiguous) -> scores [KV, G, S] in q's dtype
+torch::Tensor head_scores(torch::Tensor q, torch::Tensor k) {
+  check_heads(q, k, "head_scores");
+  TORCH_CHECK(q.size(2) == k.size(2), "head_scores: q and k head sizes differ");
+  if (q.scalar_type() == torch::kBFloat16) return run_head_scores<bf16>(q, k);
+  return run_head_scores<float>(q, k);
+}
+
+// p [KV, G, S], v [KV, S, D] (rows contiguous) -> [KV, G, D] in p's dtype
+torch::Tensor weighted_rows(torch::Tensor p, torch::Tensor v) {
+  check_heads(p, v, "weighted_rows");
+  TORCH_CHECK(p.size(2) == v.size(1), "weighted_rows: p's keys and v's rows differ");
+  if (p.scalar_type() == torch::kBFloat16) return run_weighted_rows<bf16>(p, v);
+  return run_weighted_rows<float>(p, v);
 }
 
 // 1 where dot_pairs runs the avx512_bf16 instruction, 0 where it runs the spelled-out steps (for the tests)

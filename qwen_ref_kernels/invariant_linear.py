@@ -40,6 +40,7 @@ _SOURCE = (Path(__file__).parent / "invariant_linear.cpp").read_text(encoding="u
 
 # -ffp-contract=off: no multiply-add is fused unless the source says so (fmadd, fmaf), whatever the compiler decides
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+FUNCTIONS = ["linears", "head_scores", "weighted_rows", "native_bf16_pairs"]
 _lock = threading.Lock()
 _module = None
 
@@ -70,8 +71,7 @@ def extension():
                 from torch.utils.cpp_extension import load_inline
 
                 _module = load_inline(name=f"qwen_ref_invariant_linear_{_cpu_signature()}", cpp_sources=_SOURCE,
-                                      functions=["linears", "native_bf16_pairs"], extra_cflags=_FLAGS,
-                                      extra_ldflags=["-fopenmp"])
+                                      functions=FUNCTIONS, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
             except Exception as e:  # compiler, ninja or headers missing: say which, once
                 raise InvariantLinearUnavailable(
                     f"the batch-invariant CPU linear could not be built ({type(e).__name__}: {e}); it needs a C++ "

@@ -169,7 +169,7 @@ def test_the_bfloat16_instruction_and_its_spelled_out_steps_agree():
     from qwen_ref_kernels import invariant_linear as il
 
     spelled = load_inline(name=f"qwen_ref_invariant_linear_{il._cpu_signature()}_no_bf16", cpp_sources=il._SOURCE,
-                          functions=["linears", "native_bf16_pairs"], extra_cflags=[*il._FLAGS, "-mno-avx512bf16"],
+                          functions=il.FUNCTIONS, extra_cflags=[*il._FLAGS, "-mno-avx512bf16"],
                           extra_ldflags=["-fopenmp"])
     assert spelled.native_bf16_pairs() == 0
     g = torch.Generator().manual_seed(0)

@@ -85,7 +85,9 @@ def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear:
         ops.update(_triton_ops())
         names.append("triton")
     if decode_linear == "invariant":
-        ops.update(linear=_invariant_linear(model), silu_mul=torch_ops.silu_mul_rowwise, batch_invariant=True)
+        ops.update(linear=_invariant_linear(model), silu_mul=torch_ops.silu_mul_rowwise,
+                   decode_attention=_invariant_decode_attention(ops.get("decode_attention", TORCH.decode_attention)),
+                   batch_invariant=True)
         names.append("invariant")
     return Backends("+".join(names) or "torch", **{**_torch_fields(), **ops})
 
@@ -138,6 +140,19 @@ def _triton_ops() -> dict:
         return flash_decode(q, k, v, seq_lens, scale=scale)
 
     return {"rms_norm": rms_norm, "attention": attention, "decode_attention": decode_attention}
+
+
+def _invariant_decode_attention(other: Attend) -> Attend:
+    from qwen_ref_kernels.invariant_attention import decode_attention
+
+    def attend(q, k, v, q_pos, window, scale):
+        # one query per row over all its keys: the C++ kernel's fixed orders; padded rows (q_pos) and sliding
+        # windows keep the other path
+        if q_pos is not None or window is not None or q.shape[2] != 1 or k.stride(-1) != 1:
+            return other(q, k, v, q_pos, window, scale)
+        return decode_attention(q, k, v, scale)
+
+    return attend
 
 
 def _builds() -> bool:
