@@ -245,23 +245,23 @@ inline vf load16(const bf16* p) {  // 16 bfloat16 widened exactly: the stored bi
   return as_float(__builtin_convertvector(h, vu) << 16);
 }
 
-// out[g, d0:d0+32] = sum over s of p[g, s] * v[s, d0:d0+32], s ascending, each step an fmaf in float32, for GB query
-// heads at once (each (g, d) runs the same sequence whatever GB is); rounded once to T at the end.
-template <int GB, typename T>
+// out[g, d0:d0 + 16V] = sum over s of p[g, s] * v[s, d0:d0 + 16V], s ascending, each step an fmaf in float32, for GB
+// query heads at once (each (g, d) runs the same sequence whatever GB and V are); rounded once to T at the end.
+template <int GB, int V, typename T>
 void weighted_block(const T* p, int64_t S, const T* v, int64_t D, int64_t d0, T* out) {
-  vf acc[GB][2];
-  for (int g = 0; g < GB; ++g) acc[g][0] = acc[g][1] = vf{};
+  vf acc[GB][V];
+  for (int g = 0; g < GB; ++g)
+    for (int j = 0; j < V; ++j) acc[g][j] = vf{};
   for (int64_t s = 0; s < S; ++s) {
-    const vf v0 = load16(v + s * D + d0), v1 = load16(v + s * D + d0 + L);
+    vf vs[V];
+    for (int j = 0; j < V; ++j) vs[j] = load16(v + s * D + d0 + j * L);
     for (int g = 0; g < GB; ++g) {
-      const float pg = widen(p[g * S + s]);
-      const vf pb = pg - vf{};  // broadcast (x - 0 keeps a zero's sign)
-      acc[g][0] = fmadd(pb, v0, acc[g][0]);
-      acc[g][1] = fmadd(pb, v1, acc[g][1]);
+      const vf pb = widen(p[g * S + s]) - vf{};  // broadcast (x - 0 keeps a zero's sign)
+      for (int j = 0; j < V; ++j) acc[g][j] = fmadd(pb, vs[j], acc[g][j]);
     }
   }
   for (int g = 0; g < GB; ++g)
-    for (int j = 0; j < 2 * L; ++j) out[g * D + d0 + j] = static_cast<T>(acc[g][j / L][j % L]);
+    for (int j = 0; j < V * L; ++j) out[g * D + d0 + j] = static_cast<T>(acc[g][j / L][j % L]);
 }
 
 template <typename T>
@@ -273,25 +273,33 @@ void weighted_tail(const T* p, int64_t G, int64_t S, const T* v, int64_t D, int6
   }
 }
 
+// Columns are taken 64 at a time (whole rows of v for head sizes of 64) when at most 4 query heads share a KV head,
+// else 32 (the accumulators must fit the registers); query heads 8 at a time
+template <int V, typename T>
+void weighted_columns(const T* p, int64_t G, int64_t S, const T* v, int64_t D, int64_t d0, T* out) {
+  for (int64_t g = 0; g < G; g += 8) {
+    const T* pg = p + g * S;
+    T* og = out + g * D;
+    switch (std::min<int64_t>(8, G - g)) {
+      case 8: weighted_block<8, V>(pg, S, v, D, d0, og); break;
+      case 7: weighted_block<7, V>(pg, S, v, D, d0, og); break;
+      case 6: weighted_block<6, V>(pg, S, v, D, d0, og); break;
+      case 5: weighted_block<5, V>(pg, S, v, D, d0, og); break;
+      case 4: weighted_block<4, V>(pg, S, v, D, d0, og); break;
+      case 3: weighted_block<3, V>(pg, S, v, D, d0, og); break;
+      case 2: weighted_block<2, V>(pg, S, v, D, d0, og); break;
+      default: weighted_block<1, V>(pg, S, v, D, d0, og); break;
+    }
+  }
+}
+
 template <typename T>
 void weighted_heads(const T* p, int64_t G, int64_t S, const T* v, int64_t D, T* out) {
-  const int64_t chunks = D / (2 * L);
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t g = 0; g < G; g += 8) {
-      const T* pg = p + g * S;
-      T* og = out + g * D;
-      switch (std::min<int64_t>(8, G - g)) {
-        case 8: weighted_block<8>(pg, S, v, D, c * 2 * L, og); break;
-        case 7: weighted_block<7>(pg, S, v, D, c * 2 * L, og); break;
-        case 6: weighted_block<6>(pg, S, v, D, c * 2 * L, og); break;
-        case 5: weighted_block<5>(pg, S, v, D, c * 2 * L, og); break;
-        case 4: weighted_block<4>(pg, S, v, D, c * 2 * L, og); break;
-        case 3: weighted_block<3>(pg, S, v, D, c * 2 * L, og); break;
-        case 2: weighted_block<2>(pg, S, v, D, c * 2 * L, og); break;
-        default: weighted_block<1>(pg, S, v, D, c * 2 * L, og); break;
-      }
-    }
-  for (int64_t d = chunks * 2 * L; d < D; ++d) weighted_tail(p, G, S, v, D, d, out);
+  int64_t d = 0;
+  if (G <= 4)
+    for (; d + 4 * L <= D; d += 4 * L) weighted_columns<4>(p, G, S, v, D, d, out);
+  for (; d + 2 * L <= D; d += 2 * L) weighted_columns<2>(p, G, S, v, D, d, out);
+  for (; d < D; ++d) weighted_tail(p, G, S, v, D, d, out);
 }
 
 // out[h] = p[h] v[h]: p [KV, G, S] the probabilities, v [KV, S, D]; heads share one thread pool
