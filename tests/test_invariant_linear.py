@@ -87,6 +87,19 @@ def _f32(v: Fraction) -> Fraction:
     return Fraction(float(best))
 
 
+def _fold_and_tail(lanes: list[Fraction], xs: list[Fraction], ws: list[Fraction], body: int) -> Fraction:
+    """The lanes folded in halves (lane j += lane j + width), then the inputs from `body` on added in order."""
+    width = len(lanes) // 2
+    while width >= 1:
+        for j in range(width):
+            lanes[j] = _f32(lanes[j] + lanes[j + width])
+        width //= 2
+    s = lanes[0]
+    for k in range(body, len(xs)):
+        s = _f32(xs[k] * ws[k] + s)
+    return s
+
+
 def _documented_order(x: np.ndarray, w: np.ndarray) -> np.float32:
     K, L = len(x), 16
     xs, ws = [Fraction(float(a)) for a in x], [Fraction(float(a)) for a in w]
@@ -95,15 +108,7 @@ def _documented_order(x: np.ndarray, w: np.ndarray) -> np.float32:
     for k in range(body):
         j = k % L
         lanes[j] = _f32(xs[k] * ws[k] + lanes[j])  # a fused multiply-add: one rounding
-    width = L // 2
-    while width >= 1:
-        for j in range(width):
-            lanes[j] = _f32(lanes[j] + lanes[j + width])
-        width //= 2
-    s = lanes[0]
-    for k in range(body, K):
-        s = _f32(xs[k] * ws[k] + s)
-    return np.float32(float(s))
+    return np.float32(float(_fold_and_tail(lanes, xs, ws, body)))
 
 
 @pytest.mark.parametrize("K", [7, 16, 37, 53])
@@ -134,15 +139,7 @@ def _documented_order_bf16(x: np.ndarray, w: np.ndarray) -> float:
         for j in range(L):
             for k in (b + 2 * j + 1, b + 2 * j):  # the pair's odd element first, as VDPBF16PS
                 lanes[j] = _flush(_f32(_flush(xs[k]) * _flush(ws[k]) + lanes[j]))
-    width = L // 2
-    while width >= 1:
-        for j in range(width):
-            lanes[j] = _f32(lanes[j] + lanes[j + width])
-        width //= 2
-    s = lanes[0]
-    for k in range(body, K):
-        s = _f32(xs[k] * ws[k] + s)
-    return float(s)
+    return float(_fold_and_tail(lanes, xs, ws, body))
 
 
 @pytest.mark.parametrize("K", [7, 32, 45, 64, 101])
