@@ -107,6 +107,7 @@ SLOW = r"(?:.|..|...)+j\d"  # exponentially many ways to split a module name, no
     ("alora_invocation_tokens", [1, 2], "alora_invocation_tokens"),
     ("trainable_token_indices", [5, 6], "trainable_token_indices"),
     ("init_lora_weights", "pissa_niter_4", "changes the base weights"),
+    ("init_lora_weights", "astra", "changes the base weights"),  # PEFT 0.22: projects the base weight
     ("peft_type", "IA3", "peft_type"),
     ("task_type", "SEQ_CLS", "task_type"),
     ("some_future_field", 1, "unknown field"),

@@ -25,7 +25,7 @@ class LoraError(QwenRefError, ValueError):
 _INERT_FIELDS = frozenset({
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "peft_version", "lora_dropout", "eva_config", "corda_config", "lora_ga_config", "loftq_config",
-    "megatron_core", "qalora_group_size", "runtime_config", "model_type",
+    "megatron_core", "qalora_group_size", "runtime_config", "model_type", "astra_config",
 })
 # Fields that change the math in ways this package does not implement: each must hold its "off" value.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
@@ -48,7 +48,7 @@ _HANDLED_FIELDS = frozenset({
 })
 # init_lora_weights values after which the base weights were changed during training (unless converted, in which
 # case PEFT saves init_lora_weights=true): the adapter alone does not reproduce the fine-tune.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "astra")
 _BIAS_MODES = ("none", "all", "lora_only")
 
 

@@ -84,7 +84,7 @@ def build_plan(model: nn.Module, adapter: LoraAdapter) -> Plan:
         if len(ds) > 1 and any(d.magnitude is not None for d in ds):
             raise LoraError(f"{where}: DoRA on tied weights ({', '.join(d.module for d in ds)}) is not supported")
 
-    saved = set(saved_modules(cfg, model))
+    saved = set(saved_modules(cfg, model, adapter.replacements))
     for mod in sorted(saved):
         missing = [f"{mod}.{p}" for p, _ in modules[mod].named_parameters()
                    if f"{mod}.{p}" not in adapter.replacements]

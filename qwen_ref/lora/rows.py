@@ -57,7 +57,7 @@ def _unmerged_plan(model: nn.Module, adapter: LoraAdapter) -> Plan:
     params = dict(model.named_parameters(remove_duplicate=False))
     replaced = [p for p, value in adapter.replacements.items()
                 if not torch.equal(value.to(device=params[p].device, dtype=params[p].dtype), params[p])]
-    saved = saved_modules(cfg, model)
+    saved = saved_modules(cfg, model, adapter.replacements)
     whole = [p for p in replaced if any(p.startswith(m + ".") for m in saved)]
     biases = [p for p in replaced if p not in whole and p.endswith(".bias")]
     others = [p for p in replaced if p not in whole and p not in biases]

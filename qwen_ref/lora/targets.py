@@ -7,6 +7,7 @@ layers_pattern, and modules_to_save (replaced whole, never adapted), by PEFT's r
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from torch import nn
 
@@ -29,11 +30,21 @@ def target_modules(cfg: AdapterConfig, model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name and _is_target(cfg, targets, name)]
 
 
-def saved_modules(cfg: AdapterConfig, model: nn.Module) -> list[str]:
-    """The modules that modules_to_save replaces whole."""
-    # PEFT's _set_trainable: a plain suffix match; names that match nothing are ignored
-    return [n for n, _ in model.named_modules(remove_duplicate=False)
-            if n and any(n.endswith(m) for m in cfg.modules_to_save)]
+def saved_modules(cfg: AdapterConfig, model: nn.Module, present: Collection[str]) -> list[str]:
+    """The modules that modules_to_save replaces whole; `present`: the parameter names the adapter file holds.
+
+    PEFT's _set_trainable matched the names by plain suffix up to 0.21 ("norm" also took input_layernorm) and by
+    whole name components from 0.22 ("norm" takes model.norm only). A component match is always saved; a module
+    that only the plain suffix matches is saved when the file holds its parameters, which tells the two apart.
+    Names that match nothing are ignored, as in PEFT."""
+    names = []
+    for n, module in model.named_modules(remove_duplicate=False):
+        if not n or not any(n.endswith(m) for m in cfg.modules_to_save):
+            continue
+        component = any(n == m or n.endswith("." + m) for m in cfg.modules_to_save)
+        if component or any(f"{n}.{p}" in present for p, _ in module.named_parameters()):
+            names.append(n)
+    return names
 
 
 def _is_target(cfg: AdapterConfig, targets: frozenset[str] | str, key: str) -> bool:
