@@ -196,3 +196,21 @@ def test_write_merged_checkpoint(case, tied_after, tiny, adapters, tmp_path):
     with pytest.raises(LoraError, match="not an empty directory"):
         write_merged_checkpoint(base_dir, adapters(case), out)
 
+
+
+def test_modules_to_save_reads_both_peft_matching_rules(tiny):
+    # "norm" names model.norm by its last name component (PEFT >= 0.22, and before); PEFT <= 0.21 also saved every
+    # module whose name merely ends with "norm" (input_layernorm, ...). The file tells which rule wrote it.
+    from qwen_ref.lora.config import AdapterConfig
+    from qwen_ref.lora.targets import saved_modules
+
+    model = our_model(tiny("qwen1.5"))
+    cfg = AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["v_proj"],
+                                   "modules_to_save": ["norm"]})
+    assert saved_modules(cfg, model, {"model.norm.weight"}) == ["model.norm"]  # as PEFT 0.22 saves it
+    old_style = {f"{n}.weight" for n, _ in model.named_modules() if n.endswith("norm")}  # as PEFT 0.21 saved it
+    assert sorted(saved_modules(cfg, model, old_style)) == sorted(n for n, _ in model.named_modules()
+                                                                  if n.endswith("norm"))
+    assert len(old_style) > 1
+    # a component match is saved whether or not the file holds it: a missing tensor is then the plan's error
+    assert saved_modules(cfg, model, set()) == ["model.norm"]
