@@ -94,11 +94,14 @@ class Channel:
         weakref.finalize(obj, self.dropped.append, (kind, i))
         return i
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Tell the followers to stop; True when they were told (the channel was working)."""
         with self.lock:
             if self.broken is None:
                 self.send("stop")
                 self.broken = "stopped"
+                return True
+            return False
 
 
 class MirroredCache(KVCache):
