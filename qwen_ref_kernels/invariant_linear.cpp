@@ -190,23 +190,13 @@ std::vector<float> widened(const torch::Tensor& t) {
   return out;
 }
 
+// The parts cut into blocks of nb weight rows (16, 8 or 4), numbered across parts, and run on one thread pool
 template <typename T>
-std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
-                                     const std::vector<torch::Tensor>& bs) {
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<std::vector<float>> biases;
-  std::vector<torch::Tensor> ys;
-  std::vector<Part<T, T>> parts;
-  const int64_t nb = M == 1 ? 16 : M <= 2 ? 8 : 4;
+void run_blocks(std::vector<Part<T, T>>& parts, int64_t M, int64_t K, int64_t nb) {
   int64_t blocks = 0;
-  biases.reserve(ws.size());  // parts point into it
-  for (size_t i = 0; i < ws.size(); ++i) {
-    const int64_t N = ws[i].size(0);
-    ys.push_back(torch::empty({M, N}, ws[i].options()));
-    biases.push_back(bs[i].numel() ? widened(bs[i]) : std::vector<float>());
-    parts.push_back({x.data_ptr<T>(), ws[i].data_ptr<T>(), bs[i].numel() ? biases.back().data() : nullptr,
-                     ys.back().data_ptr<T>(), N, blocks});
-    blocks += (N + nb - 1) / nb;
+  for (Part<T, T>& part : parts) {
+    part.first_block = blocks;
+    blocks += (part.N + nb - 1) / nb;
   }
   if (nb == 16)
     run<16>(parts, blocks, M, K);
@@ -214,6 +204,24 @@ std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<t
     run<8>(parts, blocks, M, K);
   else
     run<4>(parts, blocks, M, K);
+}
+
+template <typename T>
+std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                     const std::vector<torch::Tensor>& bs) {
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<std::vector<float>> biases;
+  std::vector<torch::Tensor> ys;
+  std::vector<Part<T, T>> parts;
+  biases.reserve(ws.size());  // parts point into it
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const int64_t N = ws[i].size(0);
+    ys.push_back(torch::empty({M, N}, ws[i].options()));
+    biases.push_back(bs[i].numel() ? widened(bs[i]) : std::vector<float>());
+    parts.push_back({x.data_ptr<T>(), ws[i].data_ptr<T>(), bs[i].numel() ? biases.back().data() : nullptr,
+                     ys.back().data_ptr<T>(), N, 0});
+  }
+  run_blocks(parts, M, K, M == 1 ? 16 : M <= 2 ? 8 : 4);
   return ys;
 }
 
@@ -224,17 +232,10 @@ torch::Tensor run_head_scores(const torch::Tensor& q, const torch::Tensor& k) {
   const int64_t KV = q.size(0), G = q.size(1), D = q.size(2), S = k.size(1);
   torch::Tensor scores = torch::empty({KV, G, S}, q.options());
   std::vector<Part<T, T>> parts;
-  const int64_t nb = G <= 2 ? 8 : 4;
-  int64_t blocks = 0;
-  for (int64_t h = 0; h < KV; ++h) {
+  for (int64_t h = 0; h < KV; ++h)
     parts.push_back({q.data_ptr<T>() + h * G * D, k.data_ptr<T>() + h * k.stride(0), nullptr,
-                     scores.data_ptr<T>() + h * G * S, S, blocks});
-    blocks += (S + nb - 1) / nb;
-  }
-  if (nb == 8)
-    run<8>(parts, blocks, G, D);
-  else
-    run<4>(parts, blocks, G, D);
+                     scores.data_ptr<T>() + h * G * S, S, 0});
+  run_blocks(parts, G, D, G <= 2 ? 8 : 4);
   return scores;
 }
 
