@@ -139,11 +139,6 @@ class DecodeSteps:
         return statistics.median(self.run(self.steps))
 
 
-def decode_step_times(model, batch: int, context: int, repeats: int = 5, warmup: int = 2) -> list[float]:
-    """ms of each of `repeats` decode steps at `context` cached positions per row (after `warmup` steps)."""
-    return [t * 1e3 for t in DecodeSteps(model, batch, context, repeats, warmup).run(repeats)]
-
-
 def context_sweep(model, dtype: torch.dtype, contexts: list[int], batch: int, rounds: int, probe) -> list[dict]:
     """Decode-step cost at growing cached lengths against what the extra bytes predict: the contexts' steps are
     timed in turn in each round (limits.interleaved), and the cost ratio to the first context is taken per round."""

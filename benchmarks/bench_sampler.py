@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         result = measure(batch, args.vocab, case=args.case, repeats=args.repeats, logprobs=args.logprobs,
                          dtype=getattr(torch, args.dtype), device=args.device)
         if model is not None:
-            from bench_generate import decode_step_times
+            from bench_generate import DecodeSteps
 
-            times = decode_step_times(model, batch, context=576, repeats=10)
+            times = [t * 1e3 for t in DecodeSteps(model, batch, context=576, steps=10).run(10)]  # ms
             result.update(decode_median_ms=round(statistics.median(times), 3), decode_min_ms=round(min(times), 3),
                           model_dtype=args.model_dtype)
             result["sampler_fraction_of_decode"] = round(result["median_ms"] / result["decode_median_ms"], 4)
