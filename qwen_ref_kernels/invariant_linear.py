@@ -43,6 +43,7 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 FUNCTIONS = ["linears", "head_scores", "weighted_rows", "native_bf16_pairs"]
 _lock = threading.Lock()
 _module = None
+_failure: str | None = None  # why the build failed, once it has
 
 SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -63,19 +64,21 @@ def _cpu_signature() -> str:
 
 
 def extension():
-    """The compiled module (built on first call, then cached on disk by torch.utils.cpp_extension)."""
-    global _module
+    """The compiled module (built on first call, then cached on disk by torch.utils.cpp_extension). A failed
+    build is not tried again in this process: load()'s default asks on every load."""
+    global _module, _failure
     with _lock:
-        if _module is None:
+        if _module is None and _failure is None:
             try:
                 from torch.utils.cpp_extension import load_inline
 
                 _module = load_inline(name=f"qwen_ref_invariant_linear_{_cpu_signature()}", cpp_sources=_SOURCE,
                                       functions=FUNCTIONS, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
-            except Exception as e:  # compiler, ninja or headers missing: say which, once
-                raise InvariantLinearUnavailable(
-                    f"the batch-invariant CPU linear could not be built ({type(e).__name__}: {e}); it needs a C++ "
-                    "compiler, Python headers and ninja") from None
+            except Exception as e:  # compiler, ninja or headers missing: say which
+                _failure = (f"the batch-invariant CPU linear could not be built ({type(e).__name__}: {e}); it needs "
+                            "a C++ compiler, Python headers and ninja")
+        if _module is None:
+            raise InvariantLinearUnavailable(_failure)
     return _module
 
 
