@@ -8,9 +8,12 @@ forward comes to the products alone (--rounds rounds, medians):
     mm_fraction = time(torch.mm over the forward's linear shapes) / time(forward)
 
 The rest of the forward is attention (T^2 work, growing with T), RMSNorm, rope and the residual adds.
+--chunk N (0: one forward, the default) prefills as the engine does instead: forwards of N tokens at offsets
+0, N, 2N, ... of the prompt, the last one with logits; the torch.mm reference stays the one-shot shapes, so the
+fraction also shows what chunking costs (the engine's default chunk is 32 tokens).
 
     python benchmarks/bench_prefill.py [--preset qwen2.5-0.5b-shape ...] [--dtype float32 bfloat16]
-                                       [--tokens 512 4096] [--rounds 3]
+                                       [--tokens 512 4096] [--chunk 0] [--rounds 3] [--decode-linear auto]
 """
 
 from __future__ import annotations
@@ -32,11 +35,15 @@ from bench_generate import PRESETS, checkpoint
 from qwen_ref.qwen import load
 
 
-def forward(model, ids: torch.Tensor) -> float:
-    cache = model.new_cache(1, ids.shape[1])
+def forward(model, ids: torch.Tensor, chunk: int) -> float:
+    T = ids.shape[1]
+    step = chunk or T
+    cache = model.new_cache(1, T)
     t = time.perf_counter()
     with torch.inference_mode():
-        model(ids, cache=cache, last_only=True)
+        for start in range(0, T, step):
+            end = min(T, start + step)
+            model(ids[:, start:end], cache=cache, last_only=True, compute_logits=end == T)
     return time.perf_counter() - t
 
 
@@ -58,16 +65,19 @@ def main() -> int:
     ap.add_argument("--preset", nargs="+", default=list(PRESETS), choices=PRESETS)
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 4096])
+    ap.add_argument("--chunk", type=int, default=0)
+    ap.add_argument("--decode-linear", default="auto", choices=["auto", "torch", "invariant"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for preset in args.preset:
         for dtype in args.dtype:
-            model = load(checkpoint(preset), dtype=dtype).model
+            model = load(checkpoint(preset), dtype=dtype, decode_linear=args.decode_linear).model
             for tokens in args.tokens:
                 ids = torch.randint(0, 151643, (1, tokens), generator=torch.Generator().manual_seed(tokens))
-                run_forward, run_mm = functools.partial(forward, model, ids), functools.partial(products, model, tokens)
+                run_forward = functools.partial(forward, model, ids, args.chunk)
+                run_mm = functools.partial(products, model, tokens)
                 run_forward(), run_mm()  # warm-up
                 fwd, mm = [], []
                 for _ in range(args.rounds):
@@ -75,7 +85,8 @@ def main() -> int:
                     mm.append(run_mm())
                 f, m = statistics.median(fwd), statistics.median(mm)
                 print(json.dumps({"bench": "prefill", "preset": preset, "dtype": dtype, "tokens": tokens,
-                                  "threads": args.threads, "forward_s": round(f, 3), "mm_s": round(m, 3),
+                                  "chunk": args.chunk, "backend": model.backends.name, "threads": args.threads,
+                                  "forward_s": round(f, 3), "mm_s": round(m, 3),
                                   "prefill_tok_s": round(tokens / f, 1), "mm_tok_s": round(tokens / m, 1),
                                   "mm_fraction": round(statistics.median(b / a for a, b in zip(fwd, mm)), 3)}),
                       flush=True)

@@ -7,7 +7,8 @@
     silu_mul(gate, up)                                       the MLP's activation
 
 torch (models/torch_ops.py) is the reference. Triton (qwen_ref_kernels) replaces RMSNorm and attention;
-the batch-invariant CPU kernel replaces the decode-step linears. The rules that keep the reference's meaning:
+the batch-invariant CPU kernel replaces the decode-step linears, and its backend (the default on the CPU) prefills
+without the work above the diagonal (torch_ops.prefill_attention). The rules that keep the reference's meaning:
 float64 always runs the torch ops (it is the ground truth), and so do sliding-window layers (the Triton
 kernels have no window).
 """
@@ -86,6 +87,7 @@ def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear:
         names.append("triton")
     if decode_linear == "invariant":
         ops.update(linear=_invariant_linear(model), silu_mul=torch_ops.silu_mul_rowwise,
+                   attention=ops.get("attention", torch_ops.prefill_attention),
                    decode_attention=_invariant_decode_attention(ops.get("decode_attention", TORCH.decode_attention)),
                    batch_invariant=True)
         names.append("invariant")

@@ -1,0 +1,91 @@
+"""torch_ops.prefill_attention, the default backend's prefill attention, against attention() and float64.
+
+Tolerance: the error against float64 may be at most 1.5x attention()'s own (the eager path, HF's arithmetic) plus
+4 units of rounding at the output scale. Both compute the same sums: in float32 torch's flash kernel sums them in
+other orders; in bfloat16 the blocks are attention()'s own arithmetic over shorter softmax rows (the masked keys
+they leave out contribute exact zeros). A wrong mask, a wrong key range or a misread GQA head would be errors of
+the order of the outputs themselves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_ref.models import torch_ops
+from qwen_ref.models.torch_ops import attention, prefill_attention
+
+
+def _qkv(B, H, KV, T, S, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2)  # [B, H, T, D], strided as the model's
+    k = torch.randn(B, KV, S + 7, D, generator=g).to(dtype)[:, :, :S]  # a cache's view with room left
+    v = torch.randn(B, KV, S + 7, D, generator=g).to(dtype)[:, :, :S]
+    return q, k, v
+
+
+def _error(out, ref):
+    return (out.double() - ref).abs().max().item()
+
+
+# (H, KV, T, S, D): whole prompts (T == S) and chunks after the first (T < S), GQA and MHA, blocks of queries
+# that end inside a block (T not a multiple of 64), one query
+SHAPES = [(14, 2, 300, 300, 64), (16, 16, 200, 200, 64), (40, 8, 130, 130, 128), (14, 2, 96, 700, 64),
+          (7, 7, 70, 500, 80), (14, 2, 1, 9, 64), (14, 2, 32, 32, 64)]
+
+
+@pytest.mark.parametrize(("H", "KV", "T", "S", "D"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_error_is_that_of_the_eager_path(H, KV, T, S, D, dtype):
+    q, k, v = _qkv(1, H, KV, T, S, D, dtype, seed=T + S)
+    scale = D**-0.5
+    ref = attention(q.double(), k.double(), v.double(), None, None, scale)
+    ours = _error(prefill_attention(q, k, v, None, None, scale), ref)
+    eager = _error(attention(q, k, v, None, None, scale), ref)
+    unit = 2.0**-24 if dtype == torch.float32 else 2.0**-8
+    assert ours <= 1.5 * eager + 4 * unit * ref.abs().max().item(), (ours, eager)
+
+
+def test_query_blocks_of_a_long_chunk(monkeypatch):
+    # float32: a chunk whose masks would pass SCORE_BLOCK_BYTES goes in blocks of queries, each over the keys its
+    # last query sees; the blocks together are the same attention
+    q, k, v = _qkv(1, 14, 2, 100, 400, 64, torch.float32, seed=3)
+    ref = attention(q.double(), k.double(), v.double(), None, None, 0.125)
+    whole = prefill_attention(q, k, v, None, None, 0.125)
+    monkeypatch.setattr(torch_ops, "SCORE_BLOCK_BYTES", 400 * 7)  # 7 queries a block, the last block 2
+    blocked = prefill_attention(q, k, v, None, None, 0.125)
+    assert _error(whole, ref) < 2e-6 and _error(blocked, ref) < 2e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_row_equals_the_row_alone(dtype):
+    q, k, v = _qkv(3, 14, 2, 150, 150, 64, dtype, seed=5)
+    together = prefill_attention(q, k, v, None, None, 0.125)
+    for b in range(3):
+        assert torch.equal(together[b : b + 1], prefill_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], None, None,
+                                                               0.125))
+
+
+@pytest.mark.parametrize("case", ["positions", "window", "float64"])
+def test_what_it_does_not_cover_is_attention_itself(case):
+    dtype = torch.float64 if case == "float64" else torch.float32
+    q, k, v = _qkv(2, 14, 2, 32, 96, 64, dtype, seed=7)
+    q_pos = (64 + torch.arange(32)).expand(2, 32) if case == "positions" else None
+    window = 40 if case == "window" else None
+    assert torch.equal(prefill_attention(q, k, v, q_pos, window, 0.125), attention(q, k, v, q_pos, window, 0.125))
+
+
+def test_the_default_backend_prefills_with_it(tiny):
+    import qwen_ref
+
+    default = qwen_ref.load(tiny("qwen2.5"), dtype="float32").model
+    if default.backends.name != "invariant":
+        pytest.skip(f"the default backend here is {default.backends.name}")
+    exact = qwen_ref.load(tiny("qwen2.5"), dtype="float32", decode_linear="torch").model
+    assert default.backends.attention is prefill_attention and exact.backends.attention is attention
+    ids = torch.randint(0, 1000, (1, 60), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = default(ids, cache=default.new_cache(1, 60))
+        b = exact(ids, cache=exact.new_cache(1, 60))
+    # float32 rounding through the tiny model's layers, at the logits' scale
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
