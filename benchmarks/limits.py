@@ -1,4 +1,4 @@
-"""The machine's limits, measured beside what is timed: memory read bandwidth and float32 multiply-add peak.
+"""The machine's limits, measured beside what is timed: memory read bandwidth and float32 multiply-add peaks.
 
 These machines share memory with noisy neighbours: the bandwidth a 1 GiB read gets moves by 2x within a minute
 (36 to 76 GB/s seen in one run). A roofline fraction is therefore taken per round: each round reads the probe
@@ -28,7 +28,7 @@ class ReadProbe:
         return self.buffer.numel() * 4 / (time.perf_counter() - t)
 
 
-def fma_peak_flops(n: int = 2048, repeats: int = 3) -> float:
+def blas_peak_flops(n: int = 2048, repeats: int = 3) -> float:
     """float32 FLOP/s of a large square torch.mm (2 n^3 FLOP), best of `repeats`: the multiply-add peak a
     BLAS reaches with this many threads."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -39,6 +39,69 @@ def fma_peak_flops(n: int = 2048, repeats: int = 3) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+_FMA_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <vector>
+#if defined(__AVX512F__)
+typedef __m512 V;
+inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V splat(float x) { return _mm512_set1_ps(x); }
+constexpr int LANES = 16;
+#else
+typedef __m256 V;
+inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V splat(float x) { return _mm256_set1_ps(x); }
+constexpr int LANES = 8;
+#endif
+
+int64_t lanes() { return LANES; }
+
+// Every thread runs 16 independent chains of vector multiply-adds (enough to cover the instruction's latency on
+// every pipe); a sum of the results is returned so that nothing is optimised away.
+double fma_chains(int64_t iters) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> sink(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      V acc[16];
+      for (int i = 0; i < 16; ++i) acc[i] = splat(static_cast<float>(i + t));
+      const V m = splat(0.999999f), c = splat(1e-6f);
+      for (int64_t n = 0; n < iters; ++n)
+        for (int i = 0; i < 16; ++i) acc[i] = fma(acc[i], m, c);
+      float out[LANES];
+      double s = 0;
+      for (int i = 0; i < 16; ++i) {
+        std::memcpy(out, &acc[i], sizeof out);
+        for (int j = 0; j < LANES; ++j) s += out[j];
+      }
+      sink[t] = s;
+    }
+  });
+  double s = 0;
+  for (double v : sink) s += v;
+  return s;
+}
+"""
+
+
+def fma_instruction_peak_flops(iters: int = 20_000_000, repeats: int = 3) -> float:
+    """float32 FLOP/s of independent vector multiply-adds on every thread, compiled for this CPU (-march=native)
+    on first use and cached: the instruction peak, which a BLAS need not reach (MKL's float32 torch.mm got about
+    half of it on the AMD Zen 5 machines seen here)."""
+    from torch.utils.cpp_extension import load_inline
+
+    ext = load_inline("qwen_ref_bench_fma_peak", cpp_sources=_FMA_SOURCE, functions=["fma_chains", "lanes"],
+                      extra_cflags=["-O2", "-march=native"])
+    ext.fma_chains(iters // 10)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ext.fma_chains(iters)
+        best = min(best, time.perf_counter() - t)
+    return torch.get_num_threads() * iters * 16 * ext.lanes() * 2 / best
 
 
 def interleaved(cases: dict[str, Callable[[], float]], rounds: int, probe: ReadProbe | None) -> dict[str, dict]:
