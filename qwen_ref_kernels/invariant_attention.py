@@ -16,7 +16,6 @@ order): against the float64 reference `decode_attention_ref` its error is that o
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from qwen_ref_kernels.invariant_linear import extension
 
@@ -24,17 +23,17 @@ from qwen_ref_kernels.invariant_linear import extension
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, 1, D]; k and v [B, KV, S, D] with contiguous rows (a KV cache's view), float32 or bfloat16
     -> [B, H, 1, D]. Every row attends over all S keys (no mask, no window)."""
+    return decode_attention_rows(q, list(k.unbind(0)), list(v.unbind(0)), scale)
+
+
+def decode_attention_rows(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+                          scale: float) -> torch.Tensor:
+    """q [B, H, 1, D]; ks[b] and vs[b] [KV, S_b, D] with contiguous rows: row b's own keys and values, however
+    many (each row of the engine has its own cache) -> [B, H, 1, D]. One C++ call for all rows."""
     B, H, _, D = q.shape
-    KV = k.shape[1]
-    ext = extension()
-    outs = []
-    for b in range(B):
-        qb = q[b].reshape(KV, H // KV, D)  # [KV, G, D]: query head i reads KV head i // G
-        scores = ext.head_scores(qb.contiguous(), k[b])  # [KV, G, S]
-        # numerics: softmax in float32, probabilities cast back to the activation dtype (HF eager)
-        probs = F.softmax(scores * scale, dim=-1, dtype=torch.float32).to(q.dtype)
-        outs.append(ext.weighted_rows(probs, v[b]).view(H, 1, D))  # [KV, G, D] -> [H, 1, D]
-    return torch.stack(outs)  # [B, H, 1, D]
+    KV = ks[0].shape[0]
+    q4 = q.reshape(B, KV, H // KV, D).contiguous()  # [B, KV, G, D]: query head i reads KV head i // G
+    return extension().attend_rows(q4, ks, vs, scale).view(B, H, 1, D)  # [B, KV, G, D] -> [B, H, 1, D]
 
 
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -303,18 +303,23 @@ void weighted_heads(const T* p, int64_t G, int64_t S, const T* v, int64_t D, T* 
   for (; d < D; ++d) weighted_tail(p, G, S, v, D, d, out);
 }
 
-// out[h] = p[h] v[h]: p [KV, G, S] the probabilities, v [KV, S, D]; heads share one thread pool
+// out[h] = p[h] v[h]: p [KV, G, S] the probabilities, v [KV, S, D], out [KV, G, D] contiguous; heads share one
+// thread pool
 template <typename T>
-torch::Tensor run_weighted_rows(const torch::Tensor& p, const torch::Tensor& v) {
+void weighted_rows_into(const torch::Tensor& p, const torch::Tensor& v, T* op) {
   const int64_t KV = p.size(0), G = p.size(1), S = p.size(2), D = v.size(2);
-  torch::Tensor out = torch::empty({KV, G, D}, p.options());
   const T* pp = p.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
   const int64_t vstride = v.stride(0);
   at::parallel_for(0, KV, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) weighted_heads(pp + h * G * S, G, S, vp + h * vstride, D, op + h * G * D);
   });
+}
+
+template <typename T>
+torch::Tensor run_weighted_rows(const torch::Tensor& p, const torch::Tensor& v) {
+  torch::Tensor out = torch::empty({p.size(0), p.size(1), v.size(2)}, p.options());
+  weighted_rows_into<T>(p, v, out.data_ptr<T>());
   return out;
 }
 }  // namespace
@@ -347,6 +352,61 @@ torch::Tensor weighted_rows(torch::Tensor p, torch::Tensor v) {
   TORCH_CHECK(p.size(2) == v.size(1), "weighted_rows: p's keys and v's rows differ");
   if (p.scalar_type() == torch::kBFloat16) return run_weighted_rows<bf16>(p, v);
   return run_weighted_rows<float>(p, v);
+}
+
+// Decode attention of B rows, row b over its own keys and values ks[b], vs[b] [KV, S_b, D] (rows contiguous; S_b
+// may differ by row): per row exactly the calls invariant_attention.py documents (head_scores, then torch's
+// softmax of the scores times scale in float32, cast back, then weighted_rows), in one call for all rows.
+// q [B, KV, G, D] contiguous -> [B, KV, G, D].
+torch::Tensor attend_rows(torch::Tensor q, std::vector<torch::Tensor> ks, std::vector<torch::Tensor> vs, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && static_cast<int64_t>(ks.size()) == q.size(0) &&
+                  vs.size() == ks.size(),
+              "attend_rows: want q [B, KV, G, D] contiguous and B keys and values");
+  torch::Tensor out = torch::empty_like(q);
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    const torch::Tensor qb = q[b];
+    check_heads(qb, ks[b], "attend_rows");
+    TORCH_CHECK(q.size(3) == ks[b].size(2) && vs[b].sizes() == ks[b].sizes(),
+                "attend_rows: row ", b, "'s keys and values do not fit q");
+    torch::Tensor scores = q.scalar_type() == torch::kBFloat16 ? run_head_scores<bf16>(qb, ks[b])
+                                                                 : run_head_scores<float>(qb, ks[b]);
+    // numerics: softmax in float32, probabilities cast back to the activation dtype (HF eager)
+    torch::Tensor probs = at::softmax(scores.mul(scale), -1, at::kFloat).to(q.scalar_type());
+    check_heads(probs, vs[b], "attend_rows");
+    if (q.scalar_type() == torch::kBFloat16)
+      weighted_rows_into<bf16>(probs, vs[b], out[b].data_ptr<bf16>());
+    else
+      weighted_rows_into<float>(probs, vs[b], out[b].data_ptr<float>());
+  }
+  return out;
+}
+
+// Row b's T new keys (or values) src[b] [KV, T, D] copied into its own cache dst[b] [1, KV, capacity, D] (contiguous)
+// at positions starts[b] .. starts[b] + T - 1, for all rows in one call; returns each row's filled part
+// [1, KV, starts[b] + T, D], a view of its cache. Copies change no value.
+std::vector<torch::Tensor> write_rows(std::vector<torch::Tensor> dst, torch::Tensor src, std::vector<int64_t> starts) {
+  TORCH_CHECK(src.dim() == 4 && static_cast<int64_t>(dst.size()) == src.size(0) && starts.size() == dst.size(),
+              "write_rows: want src [B, KV, T, D], B caches and B starts");
+  TORCH_CHECK(src.device().is_cpu(), "write_rows: runs on the CPU");
+  const torch::Tensor s = src.contiguous();
+  const int64_t KV = s.size(1), T = s.size(2), D = s.size(3);
+  const int64_t item = s.element_size();
+  std::vector<torch::Tensor> filled;
+  filled.reserve(dst.size());
+  for (size_t b = 0; b < dst.size(); ++b) {
+    const torch::Tensor& d = dst[b];
+    TORCH_CHECK(d.dim() == 4 && d.size(0) == 1 && d.size(1) == KV && d.size(3) == D && d.is_contiguous() &&
+                    d.scalar_type() == s.scalar_type() && d.device() == s.device() && starts[b] >= 0 &&
+                    starts[b] + T <= d.size(2),
+                "write_rows: cache ", b, " does not take [", KV, ", ", T, ", ", D, "] at ", starts[b]);
+    const int64_t capacity = d.size(2);
+    char* to = static_cast<char*>(d.data_ptr());
+    const char* from = static_cast<const char*>(s.data_ptr()) + b * KV * T * D * item;
+    for (int64_t h = 0; h < KV; ++h)
+      std::memcpy(to + (h * capacity + starts[b]) * D * item, from + h * T * D * item, T * D * item);
+    filled.push_back(d.narrow(2, 0, starts[b] + T));
+  }
+  return filled;
 }
 
 // 1 where dot_pairs runs the avx512_bf16 instruction, 0 where it runs the spelled-out steps (for the tests)

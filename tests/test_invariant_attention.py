@@ -54,3 +54,50 @@ def test_values_sum_in_key_order():
     v[0, 0, :, 0] = torch.tensor([1e30, -1e30, 3.0, 5.0])
     out = decode_attention(torch.zeros(1, 1, 1, 32), k, v, 1.0)
     assert out[0, 0, 0, 0].item() == 2.0  # (3 + 5) / 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_of_their_own_lengths_in_one_call(dtype):
+    # the engine's rows each keep their own cache: one call attends each over its own keys, with exactly the
+    # numbers of the documented per-row composition (head_scores, torch's float32 softmax, weighted_rows)
+    from qwen_ref_kernels.invariant_attention import decode_attention_rows
+    from qwen_ref_kernels.invariant_linear import extension
+
+    lengths = [1, 150, 37, 300]
+    rows = [_cache_views(1, 2, S, 64, dtype, seed=S) for S in lengths]
+    ks, vs = [k[0] for k, _ in rows], [v[0] for _, v in rows]  # [KV, S_b, D], views of a cache with room left
+    q = torch.randn(len(lengths), 14, 1, 64, generator=torch.Generator().manual_seed(9)).to(dtype)
+    together = decode_attention_rows(q, ks, vs, 0.125)
+    ext = extension()
+    for b in range(len(lengths)):
+        scores = ext.head_scores(q[b].reshape(2, 7, 64).contiguous(), ks[b])  # [KV, G, S_b]
+        probs = torch.softmax(scores * 0.125, dim=-1, dtype=torch.float32).to(dtype)
+        alone = ext.weighted_rows(probs, vs[b]).view(14, 1, 64)
+        assert torch.equal(together[b], alone)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_write_rows_fills_each_rows_cache_as_its_own_update(T):
+    # RowCaches with the kernel's one-call writer: the same caches, lengths and key groups as row-by-row writes
+    from qwen_ref.config import QwenConfig
+    from qwen_ref.models.kv_cache import KVCache, RowCaches
+    from qwen_ref_kernels.invariant_linear import extension
+
+    config = QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    results = []
+    for writer in (None, extension().write_rows):
+        caches = [KVCache(config, 1, cap, dtype=torch.bfloat16) for cap in (10, 40, 7)]
+        for c, n in zip(caches, (3, 30, 4)):
+            c.advance(n)
+        rows = RowCaches(caches, writer)
+        g = torch.Generator().manual_seed(T)
+        k, v = (torch.randn(3, 2, T, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+        groups = rows.update(1, rows.positions(T), k, v)
+        results.append((caches, groups))
+    (plain, plain_groups), (fast, fast_groups) = results
+    for a, b in zip(plain, fast):
+        assert all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v))
+    for a, b in zip(plain_groups, fast_groups):
+        assert (a.first, a.end, a.exact_rows) == (b.first, b.end, b.exact_rows)
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)

@@ -95,7 +95,8 @@ class Runner:
             return [self._decode_alone(seq) for seq in seqs]
         try:
             tokens = torch.tensor([[seq.next_token] for seq in seqs], device=self.device)  # [B, 1]
-            logits = self.model(tokens, cache=RowCaches([s.cache for s in seqs]), lora=self._lora(seqs))[:, 0]
+            caches = RowCaches([s.cache for s in seqs], self.model.backends.write_rows)
+            logits = self.model(tokens, cache=caches, lora=self._lora(seqs))[:, 0]
             return list(logits)
         except Exception:
             # a write that happened before the failure is at the same positions a retry writes, and no length

@@ -5,6 +5,8 @@
     decode_attention(q, k, v, q_pos, window, scale)          one query per row over its cached keys
     linear(x, layers)                                        x through each Linear layer that reads it
     silu_mul(gate, up)                                       the MLP's activation
+    attend_cached(q, groups, positions, window, scale)       a cached forward's attention over the cache's key
+                                                             groups: attention or decode_attention per group
 
 torch (models/torch_ops.py) is the reference. Triton (qwen_ref_kernels) replaces RMSNorm and attention;
 the batch-invariant CPU kernel replaces the decode-step linears, and its backend (the default on the CPU) prefills
@@ -25,6 +27,7 @@ from torch import nn
 
 from qwen_ref.errors import CheckpointError
 from qwen_ref.models import torch_ops
+from qwen_ref.models.kv_cache import KeyGroup, WriteRows
 from qwen_ref_kernels.invariant_linear import (  # the module needs no compiler until extension() builds it
     SUPPORTED_WEIGHT_DTYPES,
     InvariantLinearUnavailable,
@@ -37,13 +40,15 @@ DECODE_LINEARS = ("auto", "torch", "invariant")
 
 log = logging.getLogger("qwen_ref")
 
-# Prefill chunks of up to this many tokens run the invariant backend's linears through its kernel too: measured
-# against BLAS on Qwen2.5-0.5B's shapes (benchmarks/bench_invariant_linear.py, 2 threads), the kernel is 2.0x as
-# fast at 32 rows and 1.8x at 64 in float32, 1.27x and 1.10x in bfloat16, even at 128 rows in bfloat16 and behind
-# beyond. The engine's default chunk is 32 tokens.
+# float32 prefill chunks of up to this many tokens run the invariant backend's linears through its kernel too.
+# Measured against BLAS in one run (Qwen2.5-0.5B shapes, a 512-token prompt, 2 threads): float32 prefill in chunks
+# of 32 took 1.88 s against 3.66, chunks of 64 1.73 against 2.81. In bfloat16 BLAS is the faster (chunks of 32:
+# 1.15 s against the kernel's 1.32; 64: 0.91 against 1.26), so bfloat16 prefill keeps it. The engine's default
+# chunk is 32 tokens.
 KERNEL_PREFILL_ROWS = 64
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int | None, float], torch.Tensor]
+AttendCached = Callable[[torch.Tensor, Sequence[KeyGroup], torch.Tensor, int | None, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -54,12 +59,27 @@ class Backends:
     decode_attention: Attend
     linear: Callable[[torch.Tensor, Sequence[nn.Linear]], list[torch.Tensor]]
     silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    attend_cached: AttendCached
     # decode steps compute each row as it is computed alone, whatever else is in the batch
     batch_invariant: bool = False
+    # one call that copies new keys or values into many rows' own caches (kv_cache.RowCaches); None: row by row
+    write_rows: WriteRows | None = None
+
+
+def per_group(attention: Attend, decode_attention: Attend) -> AttendCached:
+    """attend_cached as one call per key group: q [B, H, T, D] -> [B, H, T, D]. A group whose rows hold exactly
+    their own keys needs no positions."""
+    def attend(q, groups, positions, window, scale):
+        op = decode_attention if q.shape[2] == 1 else attention
+        outs = [op(q[g.first : g.end], g.k, g.v, None if g.exact_rows else positions[g.first : g.end], window, scale)
+                for g in groups]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, H, T, D]
+
+    return attend
 
 
 TORCH = Backends("torch", torch_ops.rms_norm, torch_ops.attention, torch_ops.attention, torch_ops.linear,
-                 torch_ops.silu_mul)
+                 torch_ops.silu_mul, per_group(torch_ops.attention, torch_ops.attention))
 
 
 def check_backend_options(kernels: str, decode_linear: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -92,12 +112,17 @@ def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear:
         ops.update(_triton_ops())
         names.append("triton")
     if decode_linear == "invariant":
-        ops.update(linear=_invariant_linear(model), silu_mul=torch_ops.silu_mul_rowwise,
-                   attention=ops.get("attention", torch_ops.prefill_attention),
-                   decode_attention=_invariant_decode_attention(ops.get("decode_attention", TORCH.decode_attention)),
-                   batch_invariant=True)
+        attention = ops.get("attention", torch_ops.prefill_attention)
+        decode_attention = _invariant_decode_attention(ops.get("decode_attention", TORCH.decode_attention))
+        ops.update(linear=_invariant_linear(model), silu_mul=torch_ops.silu_mul_rowwise, attention=attention,
+                   decode_attention=decode_attention,
+                   attend_cached=_invariant_rows(per_group(attention, decode_attention)), batch_invariant=True,
+                   write_rows=extension().write_rows)
         names.append("invariant")
-    return Backends("+".join(names) or "torch", **{**_torch_fields(), **ops})
+    fields = {**_torch_fields(), **ops}
+    if "attend_cached" not in ops:
+        fields["attend_cached"] = per_group(fields["attention"], fields["decode_attention"])
+    return Backends("+".join(names) or "torch", **fields)
 
 
 def _torch_fields() -> dict:
@@ -163,6 +188,21 @@ def _invariant_decode_attention(other: Attend) -> Attend:
     return attend
 
 
+def _invariant_rows(other: AttendCached) -> AttendCached:
+    from qwen_ref_kernels.invariant_attention import decode_attention_rows
+
+    def attend(q, groups, positions, window, scale):
+        # a decode step whose rows each hold exactly their own keys (the engine's per-request caches): one C++
+        # call for all rows, each row's numbers those of decode_attention on it alone; anything else per group
+        if q.shape[2] != 1 or window is not None or not all(g.exact_rows and g.k.stride(-1) == 1 for g in groups):
+            return other(q, groups, positions, window, scale)
+        ks = [k for g in groups for k in g.k.unbind(0)]  # [KV, S_b, D] per row
+        vs = [v for g in groups for v in g.v.unbind(0)]
+        return decode_attention_rows(q, ks, vs, scale)
+
+    return attend
+
+
 def _builds() -> bool:
     try:
         extension()
@@ -186,9 +226,10 @@ def _invariant_linear(model: nn.Module) -> Callable[[torch.Tensor, Sequence[nn.L
         raise CheckpointError(f"decode_linear='invariant': {e}") from None
 
     def linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
-        # one kernel call for all the layers: always for a decode step (one token per row), and for a prefill chunk
-        # of at most KERNEL_PREFILL_ROWS tokens; longer chunks keep BLAS, whose speed on many rows the kernel lacks
-        if x.dim() != 3 or (x.shape[1] != 1 and x.shape[0] * x.shape[1] > KERNEL_PREFILL_ROWS):
+        # one kernel call for all the layers: always for a decode step (one token per row), and for a float32
+        # prefill chunk of at most KERNEL_PREFILL_ROWS tokens; the rest keeps BLAS, faster there
+        if x.dim() != 3 or (x.shape[1] != 1 and (x.dtype != torch.float32
+                                                 or x.shape[0] * x.shape[1] > KERNEL_PREFILL_ROWS)):
             return torch_ops.linear(x, layers)
         B, T = x.shape[:2]
         ys = linears_unchecked(x.reshape(B * T, -1), [m.weight for m in layers],

@@ -13,7 +13,7 @@ arithmetic of the row run alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -128,13 +128,20 @@ class KVCache:
         return out
 
 
-class RowCaches:
-    """A batch of rows, each with its own one-row KVCache (its own length and capacity)."""
+# write_rows(caches, new [B, KV, T, D], starts) -> each row's filled part: row b's new keys (or values) copied into
+# its own [1, KV, capacity, D] cache at starts[b], for all rows in one call (a backend's; the copies change no value)
+WriteRows = Callable[[list[torch.Tensor], torch.Tensor, list[int]], list[torch.Tensor]]
 
-    def __init__(self, caches: Sequence[KVCache]):
+
+class RowCaches:
+    """A batch of rows, each with its own one-row KVCache (its own length and capacity). write_rows: a backend's
+    one-call copy into all the rows' caches (Backends.write_rows); without it each row's cache writes its own."""
+
+    def __init__(self, caches: Sequence[KVCache], write_rows: WriteRows | None = None):
         assert caches and all(c.batch_size == 1 for c in caches), "RowCaches takes one-row caches"
         self.caches = list(caches)
         self.lengths = torch.cat([c.lengths for c in self.caches])
+        self.write_rows = write_rows
 
     @property
     def batch_size(self) -> int:
@@ -144,6 +151,11 @@ class RowCaches:
         return torch.cat([c.positions(num_tokens) for c in self.caches])  # [B, T]
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[KeyGroup]:
+        if self.write_rows is not None and all(c.k[layer].is_contiguous() for c in self.caches):
+            starts = positions[:, 0].tolist()  # each row's positions are consecutive from its length
+            ks = self.write_rows([c.k[layer] for c in self.caches], k, starts)
+            vs = self.write_rows([c.v[layer] for c in self.caches], v, starts)
+            return [KeyGroup(row, row + 1, kr, vr, True) for row, (kr, vr) in enumerate(zip(ks, vs))]
         groups = []
         for row, cache in enumerate(self.caches):
             (g,) = cache.update(layer, positions[row : row + 1], k[row : row + 1], v[row : row + 1])

@@ -75,11 +75,8 @@ class Attention(nn.Module):
         if fwd.cache is None:
             out = fwd.ops.attention(q, k, v, fwd.positions, self.sliding_window, self.scaling)
         else:
-            attend = fwd.ops.decode_attention if T == 1 else fwd.ops.attention
-            outs = [attend(q[g.first : g.end], g.k, g.v, None if g.exact_rows else fwd.positions[g.first : g.end],
-                           self.sliding_window, self.scaling)
-                    for g in fwd.cache.update(self.layer_idx, fwd.positions, k, v)]
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, H, T, D]
+            groups = fwd.cache.update(self.layer_idx, fwd.positions, k, v)
+            out = fwd.ops.attend_cached(q, groups, fwd.positions, self.sliding_window, self.scaling)  # [B, H, T, D]
         return fwd.linear(out.transpose(1, 2).reshape(B, T, -1), self.o_proj)[0]  # [B, T, H*D] -> [B, T, hidden]
 
 
