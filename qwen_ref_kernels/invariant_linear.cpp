@@ -225,17 +225,71 @@ std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<t
   return ys;
 }
 
+inline void store16(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void store16(bf16* p, vf v) {  // rounded to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion
+  const vu u = as_bits(v);
+  const vu rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const vi nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  const vh h = __builtin_convertvector(nan ? vu{} + 0x7FC0u : rounded, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// The scores of one query row q [D] against 16 keys k [16, D] (rows D apart): each pair runs the linear's
+// per-lane sequence (tile() with x = q and w = the keys) and the 16 sums are folded at once, so the 16 scores are
+// one vector, stored at once. D is a multiple of STEP<T>.
+template <typename T>
+inline void scores16(const T* q, const T* k, int64_t D, T* out) {
+  constexpr int S = STEP<T>;
+  vf acc[16];
+  for (int n = 0; n < 16; ++n) acc[n] = vf{};
+  for (int64_t d = 0; d < D; d += S) {
+    if constexpr (std::is_same_v<T, float>) {
+      const vf qv = load(q + d);
+      for (int n = 0; n < 16; ++n) acc[n] = fmadd(qv, load(k + n * D + d), acc[n]);
+    } else {
+      const vu qv = load_pairs(q + d);
+      for (int n = 0; n < 16; ++n) acc[n] = dot_pairs(qv, load_pairs(k + n * D + d), acc[n]);
+    }
+  }
+  store16(out, fold16(acc));
+}
+
 // Decode attention of one row, per KV head h: scores[h] = q[h] k[h]^T with the linear's order (q [KV, G, D] the
-// G query heads that read KV head h, k [KV, S, D] its keys); blocks of all heads share one thread pool.
+// G query heads that read KV head h, k [KV, S, D] its keys). Blocks of 16 keys of all heads share one thread pool;
+// a block's keys stay in cache for its G query rows. Keys past the last whole block of 16, and head sizes that
+// are not a multiple of STEP<T>, take the linear's own tiles (the same sums).
 template <typename T>
 torch::Tensor run_head_scores(const torch::Tensor& q, const torch::Tensor& k) {
   const int64_t KV = q.size(0), G = q.size(1), D = q.size(2), S = k.size(1);
   torch::Tensor scores = torch::empty({KV, G, S}, q.options());
-  std::vector<Part<T, T>> parts;
-  for (int64_t h = 0; h < KV; ++h)
-    parts.push_back({q.data_ptr<T>() + h * G * D, k.data_ptr<T>() + h * k.stride(0), nullptr,
-                     scores.data_ptr<T>() + h * G * S, S, 0});
-  run_blocks(parts, G, D, G <= 2 ? 8 : 4);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  T* sp = scores.data_ptr<T>();
+  const int64_t whole = D % STEP<T> == 0 ? S / 16 : 0;  // blocks of 16 keys for scores16
+  at::parallel_for(0, KV * whole, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t h = b / whole, s = (b % whole) * 16;
+      for (int64_t g = 0; g < G; ++g)
+        scores16(qp + (h * G + g) * D, kp + h * k.stride(0) + s * D, D, sp + (h * G + g) * S + s);
+    }
+  });
+  if (whole * 16 < S) {
+    std::vector<Part<T, T>> parts;
+    for (int64_t h = 0; h < KV; ++h)
+      parts.push_back({qp + h * G * D, kp + h * k.stride(0) + whole * 16 * D, nullptr, sp + h * G * S + whole * 16,
+                       S - whole * 16, 0});
+    // the rows of y are S apart, not N: write the tail through a [G, N] buffer per head
+    std::vector<torch::Tensor> tails;
+    for (Part<T, T>& part : parts) {
+      tails.push_back(torch::empty({G, part.N}, q.options()));
+      part.y = tails.back().data_ptr<T>();
+    }
+    run_blocks(parts, G, D, G <= 2 ? 8 : 4);
+    for (int64_t h = 0; h < KV; ++h)
+      for (int64_t g = 0; g < G; ++g)
+        std::memcpy(sp + (h * G + g) * S + whole * 16, tails[h].data_ptr<T>() + g * parts[h].N,
+                    parts[h].N * sizeof(T));
+  }
   return scores;
 }
 

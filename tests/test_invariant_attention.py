@@ -101,3 +101,23 @@ def test_write_rows_fills_each_rows_cache_as_its_own_update(T):
     for a, b in zip(plain_groups, fast_groups):
         assert (a.first, a.end, a.exact_rows) == (b.first, b.end, b.exact_rows)
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
+@pytest.mark.parametrize(("G", "D", "S"), [(7, 64, 8192 + 5), (1, 128, 48), (5, 80, 37), (4, 96, 15), (2, 64, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_scores_are_the_linears_sums(G, D, S, dtype):
+    # scores[h] = q[h] k[h]^T in invariant_linear's documented order, bit for bit, whether the keys go through the
+    # 16-key blocks or the linear's own tiles (keys past the last block of 16, or head sizes off the step)
+    from qwen_ref_kernels.invariant_linear import extension
+
+    ext = extension()
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(2, G, D, generator=g).to(dtype)
+    k = torch.randn(2, S + 3, D, generator=g).to(dtype)[:, :S]  # a cache's view: rows contiguous
+    if S > 16:
+        q[1, 0, 3] = float("nan")  # NaN scores: the same bits (0x7FC0 in bfloat16) on both paths
+    scores = ext.head_scores(q, k)
+    for h in range(2):
+        linear = ext.linears(q[h].contiguous(), [k[h].contiguous()], [torch.empty(0, dtype=dtype)])[0]  # [G, S]
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(scores[h].view(bits), linear.view(bits))
