@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -461,6 +462,87 @@ std::vector<torch::Tensor> write_rows(std::vector<torch::Tensor> dst, torch::Ten
     filled.push_back(d.narrow(2, 0, starts[b] + T));
   }
   return filled;
+}
+
+// RMSNorm of each row of x [M, K] (contiguous) with weight w [K]: ss = the sum of x_i^2 in float32 (lane j takes
+// i = j, j + 16, ... with one fmaf each, the 16 lanes folded in halves (lane j += lane j + 8, + 4, + 2, + 1), the
+// K % 16 last elements added after with fmaf in order); r = 1 / sqrt(ss / K + eps); then HF's casts:
+// h_i = T(x_i * r), y_i = T(w_i * h_i), each product in float32. Rows are spread over threads, each row computed
+// alone.
+template <typename T>
+void rms_rows(const T* x, const T* w, int64_t M, int64_t K, float eps, T* y) {
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* xr = x + m * K;
+      vf acc = vf{};
+      int64_t i = 0;
+      for (; i + L <= K; i += L) {
+        const vf v = load16(xr + i);
+        acc = fmadd(v, v, acc);
+      }
+      acc = acc + __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+      acc = acc + __builtin_shufflevector(acc, acc, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+      acc = acc + __builtin_shufflevector(acc, acc, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+      acc = acc + __builtin_shufflevector(acc, acc, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+      float ss = acc[0];
+      for (; i < K; ++i) ss = __builtin_fmaf(widen(xr[i]), widen(xr[i]), ss);
+      const float r = 1.0f / std::sqrt(ss / static_cast<float>(K) + eps);
+      T* yr = y + m * K;
+      for (int64_t j = 0; j < K; ++j) yr[j] = static_cast<T>(widen(w[j]) * widen(static_cast<T>(widen(xr[j]) * r)));
+    }
+  });
+}
+
+torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.dim() == 1 && w.is_contiguous() && w.size(0) == x.size(1) &&
+                  x.scalar_type() == w.scalar_type() &&
+                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+              "rms_norm_rows: want x [M, K] and w [K], contiguous, one dtype (float32/bfloat16)");
+  torch::Tensor y = torch::empty_like(x);
+  if (x.scalar_type() == torch::kBFloat16)
+    rms_rows<bf16>(x.data_ptr<bf16>(), w.data_ptr<bf16>(), x.size(0), x.size(1), static_cast<float>(eps),
+                   y.data_ptr<bf16>());
+  else
+    rms_rows<float>(x.data_ptr<float>(), w.data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(eps),
+                    y.data_ptr<float>());
+  return y;
+}
+
+// torch_ops.rope, bit for bit, on one token per row: y_i = T(T(x_i c_i) + T(x_{(i + D/2) mod D} s_i)), each
+// product and the sum in float32 rounded to T as torch's elementwise ops round them. x [B, H, 1, D] with
+// contiguous head rows, cos and sin (its first half negated) [B, 1, 1, D] contiguous.
+template <typename T>
+torch::Tensor rope_one(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t B = x.size(0), H = x.size(1), D = x.size(3), half = D / 2;
+  torch::Tensor y = torch::empty({B, H, 1, D}, x.options());
+  const T* xp = x.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const T* xr = xp + b * x.stride(0) + h * x.stride(1);
+      T* yr = yp + (b * H + h) * D;
+      for (int64_t i = 0; i < D; ++i) {
+        const T a = static_cast<T>(widen(xr[i]) * widen(cp[b * D + i]));
+        const T c = static_cast<T>(widen(xr[(i + half) % D]) * widen(sp[b * D + i]));
+        yr[i] = static_cast<T>(widen(a) + widen(c));
+      }
+    }
+  return y;
+}
+
+std::vector<torch::Tensor> rope_qk(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  for (const torch::Tensor* t : {&q, &k})
+    TORCH_CHECK(t->dim() == 4 && t->size(2) == 1 && t->size(0) == cos.size(0) && t->size(3) == cos.size(3) &&
+                    t->stride(3) == 1 && t->scalar_type() == cos.scalar_type(),
+                "rope_qk: want q and k [B, H, 1, D] with contiguous head rows, in cos's dtype");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.numel() ==
+                  cos.size(0) * cos.size(3) && cos.size(3) % 2 == 0 && sin.scalar_type() == cos.scalar_type() &&
+                  (cos.scalar_type() == torch::kFloat || cos.scalar_type() == torch::kBFloat16),
+              "rope_qk: want cos and sin [B, 1, 1, D] contiguous, float32 or bfloat16");
+  if (cos.scalar_type() == torch::kBFloat16) return {rope_one<bf16>(q, cos, sin), rope_one<bf16>(k, cos, sin)};
+  return {rope_one<float>(q, cos, sin), rope_one<float>(k, cos, sin)};
 }
 
 // 1 where dot_pairs runs the avx512_bf16 instruction, 0 where it runs the spelled-out steps (for the tests)

@@ -5,6 +5,7 @@
     decode_attention(q, k, v, q_pos, window, scale)          one query per row over its cached keys
     linear(x, layers)                                        x through each Linear layer that reads it
     silu_mul(gate, up)                                       the MLP's activation
+    rope_qk(q, k, cos, signed_sin)                           rotary embedding of a layer's queries and keys
     attend_cached(q, groups, positions, window, scale)       a cached forward's attention over the cache's key
                                                              groups: attention or decode_attention per group
 
@@ -59,6 +60,7 @@ class Backends:
     decode_attention: Attend
     linear: Callable[[torch.Tensor, Sequence[nn.Linear]], list[torch.Tensor]]
     silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    rope_qk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     attend_cached: AttendCached
     # decode steps compute each row as it is computed alone, whatever else is in the batch
     batch_invariant: bool = False
@@ -79,7 +81,7 @@ def per_group(attention: Attend, decode_attention: Attend) -> AttendCached:
 
 
 TORCH = Backends("torch", torch_ops.rms_norm, torch_ops.attention, torch_ops.attention, torch_ops.linear,
-                 torch_ops.silu_mul, per_group(torch_ops.attention, torch_ops.attention))
+                 torch_ops.silu_mul, torch_ops.rope_qk, per_group(torch_ops.attention, torch_ops.attention))
 
 
 def check_backend_options(kernels: str, decode_linear: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -115,6 +117,7 @@ def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear:
         attention = ops.get("attention", torch_ops.prefill_attention)
         decode_attention = _invariant_decode_attention(ops.get("decode_attention", TORCH.decode_attention))
         ops.update(linear=_invariant_linear(model), silu_mul=torch_ops.silu_mul_rowwise, attention=attention,
+                   rms_norm=ops.get("rms_norm", _invariant_rms_norm), rope_qk=_invariant_rope,
                    decode_attention=decode_attention,
                    attend_cached=_invariant_rows(per_group(attention, decode_attention)), batch_invariant=True,
                    write_rows=extension().write_rows)
@@ -127,7 +130,23 @@ def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear:
 
 def _torch_fields() -> dict:
     return {"rms_norm": TORCH.rms_norm, "attention": TORCH.attention, "decode_attention": TORCH.decode_attention,
-            "linear": TORCH.linear, "silu_mul": TORCH.silu_mul}
+            "linear": TORCH.linear, "silu_mul": TORCH.silu_mul, "rope_qk": TORCH.rope_qk}
+
+
+def _invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # one C++ call per RMSNorm, each row alone (sum of squares in a fixed order: invariant_linear.cpp rms_rows),
+    # HF's casts; float32 rounding of torch_ops.rms_norm, not its bits
+    if x.dtype not in SUPPORTED_WEIGHT_DTYPES or weight.dtype != x.dtype:
+        return torch_ops.rms_norm(x, weight, eps)
+    return extension().rms_norm_rows(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps).view(x.shape)
+
+
+def _invariant_rope(q, k, cos, signed_sin):
+    # one token per row: one C++ call for queries and keys, torch_ops.rope's bits
+    if q.shape[2] != 1 or q.dtype not in SUPPORTED_WEIGHT_DTYPES or cos.dtype != q.dtype:
+        return torch_ops.rope_qk(q, k, cos, signed_sin)
+    q, k = extension().rope_qk(q, k, cos.contiguous(), signed_sin.contiguous())
+    return q, k
 
 
 def _use_triton(kernels: str, device: torch.device) -> bool:

@@ -17,7 +17,7 @@ from qwen_ref.config import QwenConfig
 from qwen_ref.models.backends import TORCH, Backends
 from qwen_ref.models.kv_cache import KVCache, RowCaches
 from qwen_ref.models.rope import RotaryEmbedding
-from qwen_ref.models.torch_ops import rope, rope_sin
+from qwen_ref.models.torch_ops import rope_sin
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        q, k = rope(q, fwd.cos, fwd.sin), rope(k, fwd.cos, fwd.sin)
+        q, k = fwd.ops.rope_qk(q, k, fwd.cos, fwd.sin)
 
         if fwd.cache is None:
             out = fwd.ops.attention(q, k, v, fwd.positions, self.sliding_window, self.scaling)

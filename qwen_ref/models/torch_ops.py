@@ -64,6 +64,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+            signed_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope() on the queries and on the keys of a layer."""
+    return rope(q, cos, signed_sin), rope(k, cos, signed_sin)
+
+
 def attention_mask(q_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
     """Boolean [B, 1, T, S]: the query at position p sees key j iff j <= p (and j > p - window when sliding).
 
