@@ -235,6 +235,19 @@ inline void store16(bf16* p, vf v) {  // rounded to nearest even, NaN to 0x7FC0:
   std::memcpy(p, &h, sizeof h);
 }
 
+// v rounded to T and widened back to float32, lane by lane (float32: v itself)
+template <typename T>
+inline vf as_dtype(vf v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    const vu u = as_bits(v);
+    const vu rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u;
+    const vi nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return as_float(nan ? vu{} + 0x7FC00000u : rounded);
+  }
+}
+
 // The scores of one query row q [D] against 16 keys k [16, D] (rows D apart): each pair runs the linear's
 // per-lane sequence (tile() with x = q and w = the keys) and the 16 sums are folded at once, so the 16 scores are
 // one vector, stored at once. D is a multiple of STEP<T>.
@@ -488,7 +501,10 @@ void rms_rows(const T* x, const T* w, int64_t M, int64_t K, float eps, T* y) {
       for (; i < K; ++i) ss = __builtin_fmaf(widen(xr[i]), widen(xr[i]), ss);
       const float r = 1.0f / std::sqrt(ss / static_cast<float>(K) + eps);
       T* yr = y + m * K;
-      for (int64_t j = 0; j < K; ++j) yr[j] = static_cast<T>(widen(w[j]) * widen(static_cast<T>(widen(xr[j]) * r)));
+      int64_t j = 0;
+      for (; j + L <= K; j += L)  // the scalar loop's steps, 16 at a time
+        store16(yr + j, load16(w + j) * as_dtype<T>(load16(xr + j) * r));
+      for (; j < K; ++j) yr[j] = static_cast<T>(widen(w[j]) * widen(static_cast<T>(widen(xr[j]) * r)));
     }
   });
 }

@@ -51,3 +51,35 @@ def test_rms_norm_rows_alone_and_zero_rows(dtype):
     assert torch.equal(together[5], torch.zeros(176, dtype=dtype))
     for m in range(33):
         assert torch.equal(together[m : m + 1], extension().rms_norm_rows(x[m : m + 1].contiguous(), w, 1e-6))
+
+
+def _replay_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_rows' documented order, one row, in numpy float32 steps. x holds bfloat16 values, so each x_i^2 + acc
+    is exact in float64 and rounding it to float32 is the fused multiply-add's one rounding."""
+    import numpy as np
+
+    xs = x.double().numpy()
+    K = xs.shape[0]
+    whole = K - K % 16
+    acc = np.zeros(16, dtype=np.float32)
+    for i in range(whole):
+        acc[i % 16] = np.float32(float(acc[i % 16]) + xs[i] * xs[i])
+    for step in (8, 4, 2, 1):  # the fold: lane j += lane j ^ step, float32 adds
+        acc = acc + acc[[j ^ step for j in range(16)]]
+    ss = acc[0]
+    for i in range(whole, K):
+        ss = np.float32(float(ss) + xs[i] * xs[i])
+    r = np.float32(1.0) / np.sqrt(ss / np.float32(K) + np.float32(eps))
+    h = (x.float() * torch.tensor(r)).to(x.dtype)  # numerics: HF's casts
+    return (w.float() * h.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [896, 27, 100])
+def test_rms_norm_is_its_documented_order(dtype, K):
+    g = torch.Generator().manual_seed(K + 1)
+    x = (torch.randn(4, K, generator=g) * 3).to(torch.bfloat16).to(dtype)  # bfloat16 values (see the replay)
+    w = torch.randn(K, generator=g).to(dtype)
+    ours = extension().rms_norm_rows(x, w, 1e-6)
+    for m in range(4):
+        assert torch.equal(ours[m], _replay_rms_norm(x[m], w, 1e-6))
