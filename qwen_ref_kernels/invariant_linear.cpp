@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
@@ -273,12 +274,10 @@ inline void scores16(const T* q, const T* k, int64_t D, T* out) {
 // a block's keys stay in cache for its G query rows. Keys past the last whole block of 16, and head sizes that
 // are not a multiple of STEP<T>, take the linear's own tiles (the same sums).
 template <typename T>
-torch::Tensor run_head_scores(const torch::Tensor& q, const torch::Tensor& k) {
+void head_scores_into(const torch::Tensor& q, const torch::Tensor& k, T* sp) {  // sp: [KV, G, S] contiguous
   const int64_t KV = q.size(0), G = q.size(1), D = q.size(2), S = k.size(1);
-  torch::Tensor scores = torch::empty({KV, G, S}, q.options());
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
-  T* sp = scores.data_ptr<T>();
   const int64_t whole = D % STEP<T> == 0 ? S / 16 : 0;  // blocks of 16 keys for scores16
   at::parallel_for(0, KV * whole, 8, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -304,6 +303,12 @@ torch::Tensor run_head_scores(const torch::Tensor& q, const torch::Tensor& k) {
         std::memcpy(sp + (h * G + g) * S + whole * 16, tails[h].data_ptr<T>() + g * parts[h].N,
                     parts[h].N * sizeof(T));
   }
+}
+
+template <typename T>
+torch::Tensor run_head_scores(const torch::Tensor& q, const torch::Tensor& k) {
+  torch::Tensor scores = torch::empty({q.size(0), q.size(1), k.size(1)}, q.options());
+  head_scores_into<T>(q, k, scores.data_ptr<T>());
   return scores;
 }
 
@@ -424,27 +429,40 @@ torch::Tensor weighted_rows(torch::Tensor p, torch::Tensor v) {
 
 // Decode attention of B rows, row b over its own keys and values ks[b], vs[b] [KV, S_b, D] (rows contiguous; S_b
 // may differ by row): per row exactly the calls invariant_attention.py documents (head_scores, then torch's
-// softmax of the scores times scale in float32, cast back, then weighted_rows), in one call for all rows.
-// q [B, KV, G, D] contiguous -> [B, KV, G, D].
+// softmax of the scores times scale in float32, cast back, then weighted_rows), in one call for all rows. Rows with
+// the same number of keys share the softmax's torch calls: those compute each row of their input on its own, the
+// same way whatever the number of rows. q [B, KV, G, D] contiguous -> [B, KV, G, D].
 torch::Tensor attend_rows(torch::Tensor q, std::vector<torch::Tensor> ks, std::vector<torch::Tensor> vs, double scale) {
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && static_cast<int64_t>(ks.size()) == q.size(0) &&
                   vs.size() == ks.size(),
               "attend_rows: want q [B, KV, G, D] contiguous and B keys and values");
+  const bool half = q.scalar_type() == torch::kBFloat16;
   torch::Tensor out = torch::empty_like(q);
+  std::map<int64_t, std::vector<int64_t>> by_length;  // rows by their number of keys, in row order
   for (int64_t b = 0; b < q.size(0); ++b) {
-    const torch::Tensor qb = q[b];
-    check_heads(qb, ks[b], "attend_rows");
+    check_heads(q[b], ks[b], "attend_rows");
     TORCH_CHECK(q.size(3) == ks[b].size(2) && vs[b].sizes() == ks[b].sizes(),
                 "attend_rows: row ", b, "'s keys and values do not fit q");
-    torch::Tensor scores = q.scalar_type() == torch::kBFloat16 ? run_head_scores<bf16>(qb, ks[b])
-                                                                 : run_head_scores<float>(qb, ks[b]);
+    by_length[ks[b].size(1)].push_back(b);
+  }
+  for (const auto& [S, rows] : by_length) {
+    const int64_t n = static_cast<int64_t>(rows.size());
+    torch::Tensor scores = torch::empty({n, q.size(1), q.size(2), S}, q.options());  // [n, KV, G, S]
+    for (int64_t i = 0; i < n; ++i) {
+      if (half)
+        head_scores_into<bf16>(q[rows[i]], ks[rows[i]], scores[i].data_ptr<bf16>());
+      else
+        head_scores_into<float>(q[rows[i]], ks[rows[i]], scores[i].data_ptr<float>());
+    }
     // numerics: softmax in float32, probabilities cast back to the activation dtype (HF eager)
     torch::Tensor probs = at::softmax(scores.mul(scale), -1, at::kFloat).to(q.scalar_type());
-    check_heads(probs, vs[b], "attend_rows");
-    if (q.scalar_type() == torch::kBFloat16)
-      weighted_rows_into<bf16>(probs, vs[b], out[b].data_ptr<bf16>());
-    else
-      weighted_rows_into<float>(probs, vs[b], out[b].data_ptr<float>());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = rows[i];
+      if (half)
+        weighted_rows_into<bf16>(probs[i], vs[b], out[b].data_ptr<bf16>());
+      else
+        weighted_rows_into<float>(probs[i], vs[b], out[b].data_ptr<float>());
+    }
   }
   return out;
 }

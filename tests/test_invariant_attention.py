@@ -63,8 +63,8 @@ def test_rows_of_their_own_lengths_in_one_call(dtype):
     from qwen_ref_kernels.invariant_attention import decode_attention_rows
     from qwen_ref_kernels.invariant_linear import extension
 
-    lengths = [1, 150, 37, 300]
-    rows = [_cache_views(1, 2, S, 64, dtype, seed=S) for S in lengths]
+    lengths = [1, 150, 37, 300, 150, 37]  # rows of the same length share the softmax calls
+    rows = [_cache_views(1, 2, S, 64, dtype, seed=S + i) for i, S in enumerate(lengths)]
     ks, vs = [k[0] for k, _ in rows], [v[0] for _, v in rows]  # [KV, S_b, D], views of a cache with room left
     q = torch.randn(len(lengths), 14, 1, 64, generator=torch.Generator().manual_seed(9)).to(dtype)
     together = decode_attention_rows(q, ks, vs, 0.125)
