@@ -23,15 +23,16 @@ from qwen_ref_kernels.invariant_linear import extension
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, 1, D]; k and v [B, KV, S, D] with contiguous rows (a KV cache's view), float32 or bfloat16
     -> [B, H, 1, D]. Every row attends over all S keys (no mask, no window)."""
-    return decode_attention_rows(q, list(k.unbind(0)), list(v.unbind(0)), scale)
+    return decode_attention_rows(q, [k], [v], scale)
 
 
 def decode_attention_rows(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
                           scale: float) -> torch.Tensor:
-    """q [B, H, 1, D]; ks[b] and vs[b] [KV, S_b, D] with contiguous rows: row b's own keys and values, however
-    many (each row of the engine has its own cache) -> [B, H, 1, D]. One C++ call for all rows."""
+    """q [B, H, 1, D]; ks[i] and vs[i] [n_i, KV, S_i, D] (rows contiguous) the keys and values of the next n_i rows
+    (the n_i sum to B), each row attending over all S_i of its own: groups of rows with their own lengths, as the
+    engine's per-request caches give them -> [B, H, 1, D]. One C++ call for all rows."""
     B, H, _, D = q.shape
-    KV = ks[0].shape[0]
+    KV = ks[0].shape[1]
     q4 = q.reshape(B, KV, H // KV, D).contiguous()  # [B, KV, G, D]: query head i reads KV head i // G
     return extension().attend_rows(q4, ks, vs, scale).view(B, H, 1, D)  # [B, KV, G, D] -> [B, H, 1, D]
 

@@ -274,27 +274,26 @@ inline void scores16(const T* q, const T* k, int64_t D, T* out) {
 // a block's keys stay in cache for its G query rows. Keys past the last whole block of 16, and head sizes that
 // are not a multiple of STEP<T>, take the linear's own tiles (the same sums).
 template <typename T>
-void head_scores_into(const torch::Tensor& q, const torch::Tensor& k, T* sp) {  // sp: [KV, G, S] contiguous
-  const int64_t KV = q.size(0), G = q.size(1), D = q.size(2), S = k.size(1);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
+// qp [KV, G, D] contiguous; kp [KV, S, D] with heads kstride apart and rows D apart; sp [KV, G, S] contiguous
+void head_scores_into(const T* qp, int64_t KV, int64_t G, int64_t D, const T* kp, int64_t kstride, int64_t S, T* sp) {
   const int64_t whole = D % STEP<T> == 0 ? S / 16 : 0;  // blocks of 16 keys for scores16
   at::parallel_for(0, KV * whole, 8, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t h = b / whole, s = (b % whole) * 16;
       for (int64_t g = 0; g < G; ++g)
-        scores16(qp + (h * G + g) * D, kp + h * k.stride(0) + s * D, D, sp + (h * G + g) * S + s);
+        scores16(qp + (h * G + g) * D, kp + h * kstride + s * D, D, sp + (h * G + g) * S + s);
     }
   });
   if (whole * 16 < S) {
     std::vector<Part<T, T>> parts;
     for (int64_t h = 0; h < KV; ++h)
-      parts.push_back({qp + h * G * D, kp + h * k.stride(0) + whole * 16 * D, nullptr, sp + h * G * S + whole * 16,
+      parts.push_back({qp + h * G * D, kp + h * kstride + whole * 16 * D, nullptr, sp + h * G * S + whole * 16,
                        S - whole * 16, 0});
     // the rows of y are S apart, not N: write the tail through a [G, N] buffer per head
     std::vector<torch::Tensor> tails;
     for (Part<T, T>& part : parts) {
-      tails.push_back(torch::empty({G, part.N}, q.options()));
+      tails.push_back(torch::empty({G, part.N}, torch::dtype(std::is_same_v<T, float> ? torch::kFloat
+                                                                                    : torch::kBFloat16)));
       part.y = tails.back().data_ptr<T>();
     }
     run_blocks(parts, G, D, G <= 2 ? 8 : 4);
@@ -308,7 +307,8 @@ void head_scores_into(const torch::Tensor& q, const torch::Tensor& k, T* sp) {  
 template <typename T>
 torch::Tensor run_head_scores(const torch::Tensor& q, const torch::Tensor& k) {
   torch::Tensor scores = torch::empty({q.size(0), q.size(1), k.size(1)}, q.options());
-  head_scores_into<T>(q, k, scores.data_ptr<T>());
+  head_scores_into<T>(q.data_ptr<T>(), q.size(0), q.size(1), q.size(2), k.data_ptr<T>(), k.stride(0), k.size(1),
+                      scores.data_ptr<T>());
   return scores;
 }
 
@@ -379,11 +379,9 @@ void weighted_heads(const T* p, int64_t G, int64_t S, const T* v, int64_t D, T* 
 // out[h] = p[h] v[h]: p [KV, G, S] the probabilities, v [KV, S, D], out [KV, G, D] contiguous; heads share one
 // thread pool
 template <typename T>
-void weighted_rows_into(const torch::Tensor& p, const torch::Tensor& v, T* op) {
-  const int64_t KV = p.size(0), G = p.size(1), S = p.size(2), D = v.size(2);
-  const T* pp = p.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  const int64_t vstride = v.stride(0);
+// pp [KV, G, S] contiguous; vp [KV, S, D] with heads vstride apart and rows D apart; op [KV, G, D] contiguous
+void weighted_rows_into(const T* pp, int64_t KV, int64_t G, int64_t S, const T* vp, int64_t vstride, int64_t D,
+                        T* op) {
   at::parallel_for(0, KV, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) weighted_heads(pp + h * G * S, G, S, vp + h * vstride, D, op + h * G * D);
   });
@@ -392,7 +390,8 @@ void weighted_rows_into(const torch::Tensor& p, const torch::Tensor& v, T* op) {
 template <typename T>
 torch::Tensor run_weighted_rows(const torch::Tensor& p, const torch::Tensor& v) {
   torch::Tensor out = torch::empty({p.size(0), p.size(1), v.size(2)}, p.options());
-  weighted_rows_into<T>(p, v, out.data_ptr<T>());
+  weighted_rows_into<T>(p.data_ptr<T>(), p.size(0), p.size(1), p.size(2), v.data_ptr<T>(), v.stride(0), v.size(2),
+                        out.data_ptr<T>());
   return out;
 }
 }  // namespace
@@ -427,43 +426,62 @@ torch::Tensor weighted_rows(torch::Tensor p, torch::Tensor v) {
   return run_weighted_rows<float>(p, v);
 }
 
-// Decode attention of B rows, row b over its own keys and values ks[b], vs[b] [KV, S_b, D] (rows contiguous; S_b
-// may differ by row): per row exactly the calls invariant_attention.py documents (head_scores, then torch's
-// softmax of the scores times scale in float32, cast back, then weighted_rows), in one call for all rows. Rows with
-// the same number of keys share the softmax's torch calls: those compute each row of their input on its own, the
-// same way whatever the number of rows. q [B, KV, G, D] contiguous -> [B, KV, G, D].
-torch::Tensor attend_rows(torch::Tensor q, std::vector<torch::Tensor> ks, std::vector<torch::Tensor> vs, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && static_cast<int64_t>(ks.size()) == q.size(0) &&
-                  vs.size() == ks.size(),
-              "attend_rows: want q [B, KV, G, D] contiguous and B keys and values");
-  const bool half = q.scalar_type() == torch::kBFloat16;
-  torch::Tensor out = torch::empty_like(q);
+// One decode attention of B rows, each over its own keys: ks[i] and vs[i] [n_i, KV, S_i, D] hold the keys and values
+// of n_i consecutive rows (rows contiguous, D apart; the n_i sum to B), each row attending over all S_i of them.
+// Per row exactly the calls invariant_attention.py documents (head_scores, then torch's softmax of the scores
+// times scale in float32, cast back, then weighted_rows). Rows with the same number of keys share the softmax's
+// torch calls, which compute each row of their input on its own, the same way whatever the number of rows.
+// q [B, KV, G, D] contiguous -> [B, KV, G, D].
+template <typename T>
+void attend_groups(const torch::Tensor& q, const std::vector<torch::Tensor>& ks, const std::vector<torch::Tensor>& vs,
+                   double scale, torch::Tensor& out) {
+  const int64_t KV = q.size(1), G = q.size(2), D = q.size(3);
+  struct Row { const T* k; const T* v; int64_t kstride, vstride; };
+  std::vector<Row> rows;
   std::map<int64_t, std::vector<int64_t>> by_length;  // rows by their number of keys, in row order
-  for (int64_t b = 0; b < q.size(0); ++b) {
-    check_heads(q[b], ks[b], "attend_rows");
-    TORCH_CHECK(q.size(3) == ks[b].size(2) && vs[b].sizes() == ks[b].sizes(),
-                "attend_rows: row ", b, "'s keys and values do not fit q");
-    by_length[ks[b].size(1)].push_back(b);
+  for (size_t i = 0; i < ks.size(); ++i) {
+    const torch::Tensor &k = ks[i], &v = vs[i];
+    TORCH_CHECK(k.dim() == 4 && k.size(1) == KV && k.size(3) == D && k.stride(3) == 1 && k.stride(2) == D &&
+                    v.sizes() == k.sizes() && v.stride(3) == 1 && v.stride(2) == D &&
+                    k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && k.device().is_cpu(),
+                "attend_rows: key group ", i, " does not fit q [B, KV, G, D] (want [n, KV, S, D], rows contiguous)");
+    for (int64_t r = 0; r < k.size(0); ++r) {
+      by_length[k.size(2)].push_back(static_cast<int64_t>(rows.size()));
+      rows.push_back({k.data_ptr<T>() + r * k.stride(0), v.data_ptr<T>() + r * v.stride(0), k.stride(1),
+                      v.stride(1)});
+    }
   }
-  for (const auto& [S, rows] : by_length) {
-    const int64_t n = static_cast<int64_t>(rows.size());
-    torch::Tensor scores = torch::empty({n, q.size(1), q.size(2), S}, q.options());  // [n, KV, G, S]
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == q.size(0), "attend_rows: the key groups hold ", rows.size(),
+              " rows; q has ", q.size(0));
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  for (const auto& [S, members] : by_length) {
+    const int64_t n = static_cast<int64_t>(members.size());
+    torch::Tensor scores = torch::empty({n, KV, G, S}, q.options());
+    T* sp = scores.data_ptr<T>();
     for (int64_t i = 0; i < n; ++i) {
-      if (half)
-        head_scores_into<bf16>(q[rows[i]], ks[rows[i]], scores[i].data_ptr<bf16>());
-      else
-        head_scores_into<float>(q[rows[i]], ks[rows[i]], scores[i].data_ptr<float>());
+      const Row& row = rows[members[i]];
+      head_scores_into<T>(qp + members[i] * KV * G * D, KV, G, D, row.k, row.kstride, S, sp + i * KV * G * S);
     }
     // numerics: softmax in float32, probabilities cast back to the activation dtype (HF eager)
-    torch::Tensor probs = at::softmax(scores.mul(scale), -1, at::kFloat).to(q.scalar_type());
+    const torch::Tensor probs = at::softmax(scores.mul(scale), -1, at::kFloat).to(q.scalar_type());
+    const T* pp = probs.data_ptr<T>();
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t b = rows[i];
-      if (half)
-        weighted_rows_into<bf16>(probs[i], vs[b], out[b].data_ptr<bf16>());
-      else
-        weighted_rows_into<float>(probs[i], vs[b], out[b].data_ptr<float>());
+      const Row& row = rows[members[i]];
+      weighted_rows_into<T>(pp + i * KV * G * S, KV, G, S, row.v, row.vstride, D, op + members[i] * KV * G * D);
     }
   }
+}
+
+torch::Tensor attend_rows(torch::Tensor q, std::vector<torch::Tensor> ks, std::vector<torch::Tensor> vs, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && vs.size() == ks.size() &&
+                  (q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kBFloat16),
+              "attend_rows: want q [B, KV, G, D] contiguous (float32/bfloat16) and as many value groups as key groups");
+  torch::Tensor out = torch::empty_like(q);
+  if (q.scalar_type() == torch::kBFloat16)
+    attend_groups<bf16>(q, ks, vs, scale, out);
+  else
+    attend_groups<float>(q, ks, vs, scale, out);
   return out;
 }
 

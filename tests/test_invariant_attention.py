@@ -65,14 +65,14 @@ def test_rows_of_their_own_lengths_in_one_call(dtype):
 
     lengths = [1, 150, 37, 300, 150, 37]  # rows of the same length share the softmax calls
     rows = [_cache_views(1, 2, S, 64, dtype, seed=S + i) for i, S in enumerate(lengths)]
-    ks, vs = [k[0] for k, _ in rows], [v[0] for _, v in rows]  # [KV, S_b, D], views of a cache with room left
+    ks, vs = [k for k, _ in rows], [v for _, v in rows]  # [1, KV, S_b, D], views of a cache with room left
     q = torch.randn(len(lengths), 14, 1, 64, generator=torch.Generator().manual_seed(9)).to(dtype)
     together = decode_attention_rows(q, ks, vs, 0.125)
     ext = extension()
     for b in range(len(lengths)):
-        scores = ext.head_scores(q[b].reshape(2, 7, 64).contiguous(), ks[b])  # [KV, G, S_b]
+        scores = ext.head_scores(q[b].reshape(2, 7, 64).contiguous(), ks[b][0])  # [KV, G, S_b]
         probs = torch.softmax(scores * 0.125, dim=-1, dtype=torch.float32).to(dtype)
-        alone = ext.weighted_rows(probs, vs[b]).view(14, 1, 64)
+        alone = ext.weighted_rows(probs, vs[b][0]).view(14, 1, 64)
         assert torch.equal(together[b], alone)
 
 
@@ -121,3 +121,17 @@ def test_head_scores_are_the_linears_sums(G, D, S, dtype):
         linear = ext.linears(q[h].contiguous(), [k[h].contiguous()], [torch.empty(0, dtype=dtype)])[0]  # [G, S]
         bits = torch.int32 if dtype == torch.float32 else torch.int16
         assert torch.equal(scores[h].view(bits), linear.view(bits))
+
+
+def test_groups_of_several_rows_and_single_rows_in_one_call():
+    # a padded cache's group (rows sharing a length) beside rows with their own caches, as one call: each row's
+    # bits are its bits alone
+    from qwen_ref_kernels.invariant_attention import decode_attention_rows
+
+    kA, vA = _cache_views(2, 2, 40, 64, torch.bfloat16, seed=1)  # [2, KV, 40, D]
+    kB, vB = _cache_views(1, 2, 9, 64, torch.bfloat16, seed=2)
+    q = torch.randn(3, 14, 1, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    together = decode_attention_rows(q, [kA, kB], [vA, vB], 0.125)
+    assert torch.equal(together[:1], decode_attention(q[:1], kA[:1], vA[:1], 0.125))
+    assert torch.equal(together[1:2], decode_attention(q[1:2], kA[1:], vA[1:], 0.125))
+    assert torch.equal(together[2:], decode_attention(q[2:], kB, vB, 0.125))

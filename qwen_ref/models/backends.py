@@ -215,9 +215,7 @@ def _invariant_rows(other: AttendCached) -> AttendCached:
         # call for all rows, each row's numbers those of decode_attention on it alone; anything else per group
         if q.shape[2] != 1 or window is not None or not all(g.exact_rows and g.k.stride(-1) == 1 for g in groups):
             return other(q, groups, positions, window, scale)
-        ks = [k for g in groups for k in g.k.unbind(0)]  # [KV, S_b, D] per row
-        vs = [v for g in groups for v in g.v.unbind(0)]
-        return decode_attention_rows(q, ks, vs, scale)
+        return decode_attention_rows(q, [g.k for g in groups], [g.v for g in groups], scale)
 
     return attend
 
