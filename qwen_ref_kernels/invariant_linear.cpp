@@ -87,7 +87,7 @@ constexpr int STEP = std::is_same_v<T, float> ? L : 2 * L;
 // system always has the next rows in flight (the first tile of a block reads it from memory; later tiles hit
 // cache and pass 0). Prefetching changes no arithmetic.
 template <int MB, int NB, typename T, typename O>
-inline void tile(const T* x, const T* w, int64_t K, const float* bias, O* y, int64_t N, int ahead) {
+inline void tile(const T* x, const T* w, int64_t K, const float* bias, O* y, int64_t ldy, int ahead) {
   constexpr int S = STEP<T>;
   vf acc[MB][NB];
   for (int m = 0; m < MB; ++m)
@@ -122,20 +122,20 @@ inline void tile(const T* x, const T* w, int64_t K, const float* bias, O* y, int
       float s = folded[(m * NB + n) / 16][(m * NB + n) % 16];
       for (int64_t t = k; t < K; ++t) s = __builtin_fmaf(widen(x[m * K + t]), widen(w[n * K + t]), s);
       if (bias) s += bias[n];
-      y[m * N + n] = static_cast<O>(s);
+      y[m * ldy + n] = static_cast<O>(s);
     }
 }
 
 constexpr int MB = 4;
 
 template <int NB, typename T, typename O>
-inline void rows(const T* x, const T* w, int64_t M, int64_t K, const float* bias, O* y, int64_t N, int ahead) {
+inline void rows(const T* x, const T* w, int64_t M, int64_t K, const float* bias, O* y, int64_t ldy, int ahead) {
   int64_t m = 0;
-  for (; m + MB <= M; m += MB) tile<MB, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0);
+  for (; m + MB <= M; m += MB) tile<MB, NB>(x + m * K, w, K, bias, y + m * ldy, ldy, m == 0 ? ahead : 0);
   switch (M - m) {
-    case 3: tile<3, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0); break;
-    case 2: tile<2, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0); break;
-    case 1: tile<1, NB>(x + m * K, w, K, bias, y + m * N, N, m == 0 ? ahead : 0); break;
+    case 3: tile<3, NB>(x + m * K, w, K, bias, y + m * ldy, ldy, m == 0 ? ahead : 0); break;
+    case 2: tile<2, NB>(x + m * K, w, K, bias, y + m * ldy, ldy, m == 0 ? ahead : 0); break;
+    case 1: tile<1, NB>(x + m * K, w, K, bias, y + m * ldy, ldy, m == 0 ? ahead : 0); break;
     default: break;
   }
 }
@@ -146,20 +146,20 @@ struct Part {
   const T* x;  // [M, K]
   const T* w;
   const float* bias;
-  O* y;
-  int64_t N, first_block;
+  O* y;           // [M, ldy]: row m of y starts at y + m * ldy
+  int64_t N, ldy, first_block;
 };
 
 // Rows of weights per block: 16 when x has 1 row, 8 when it has 2 (more weight rows in flight, for memory-bound
 // decode: one row at 16 reads 0.97 (float32) and 0.90 (bfloat16) of a torch.sum's bandwidth against 0.93 and 0.83 at
 // 8), else 4 (MB x NB accumulators must fit the registers). The sums of each (m, n) are the same whatever NB is.
 template <int NB, typename T, typename O>
-inline void block(const T* x, const T* wb, int64_t M, int64_t K, const float* bb, O* y, int64_t N, int64_t left,
+inline void block(const T* x, const T* wb, int64_t M, int64_t K, const float* bb, O* y, int64_t ldy, int64_t left,
                   int ahead) {
   if constexpr (NB > 1) {
-    if (left < NB) return block<NB - 1>(x, wb, M, K, bb, y, N, left, ahead);
+    if (left < NB) return block<NB - 1>(x, wb, M, K, bb, y, ldy, left, ahead);
   }
-  rows<NB>(x, wb, M, K, bb, y, N, ahead);
+  rows<NB>(x, wb, M, K, bb, y, ldy, ahead);
 }
 
 template <int NB, typename T, typename O>
@@ -175,7 +175,7 @@ void run(const std::vector<Part<T, O>>& parts, int64_t blocks, int64_t M, int64_
       // weights read by one or two rows of x stream fastest without it (float32: 0.99 against 0.90 of a torch.sum
       // read of the same bytes; bfloat16: 0.69 against 0.66, measured on Qwen2.5-0.5B's decode shapes)
       const int ahead = M <= 2 ? 0 : static_cast<int>(std::clamp<int64_t>(part.N - n - NB, 0, NB));
-      block<NB>(part.x, wb, M, K, bb, part.y + n, part.N, part.N - n, ahead);
+      block<NB>(part.x, wb, M, K, bb, part.y + n, part.ldy, part.N - n, ahead);
     }
   });
 }
@@ -221,22 +221,14 @@ std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<t
     ys.push_back(torch::empty({M, N}, ws[i].options()));
     biases.push_back(bs[i].numel() ? widened(bs[i]) : std::vector<float>());
     parts.push_back({x.data_ptr<T>(), ws[i].data_ptr<T>(), bs[i].numel() ? biases.back().data() : nullptr,
-                     ys.back().data_ptr<T>(), N, 0});
+                     ys.back().data_ptr<T>(), N, N, 0});
   }
   run_blocks(parts, M, K, M == 1 ? 16 : M <= 2 ? 8 : 4);
   return ys;
 }
 
-inline void store16(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline void store16(bf16* p, vf v) {  // rounded to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion
-  const vu u = as_bits(v);
-  const vu rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-  const vi nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  const vh h = __builtin_convertvector(nan ? vu{} + 0x7FC0u : rounded, vh);
-  std::memcpy(p, &h, sizeof h);
-}
-
-// v rounded to T and widened back to float32, lane by lane (float32: v itself)
+// v rounded to T and widened back to float32, lane by lane (float32: v itself). bfloat16: to nearest even, NaN to
+// 0x7FC0, as c10::BFloat16's conversion
 template <typename T>
 inline vf as_dtype(vf v) {
   if constexpr (std::is_same_v<T, float>) {
@@ -247,6 +239,12 @@ inline vf as_dtype(vf v) {
     const vi nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
     return as_float(nan ? vu{} + 0x7FC00000u : rounded);
   }
+}
+
+inline void store16(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void store16(bf16* p, vf v) {  // rounded as static_cast<bf16> rounds: the high halves of as_dtype's bits
+  const vh h = __builtin_convertvector(as_bits(as_dtype<bf16>(v)) >> 16, vh);
+  std::memcpy(p, &h, sizeof h);
 }
 
 // The scores of one query row q [D] against 16 keys k [16, D] (rows D apart): each pair runs the linear's
@@ -288,19 +286,8 @@ void head_scores_into(const T* qp, int64_t KV, int64_t G, int64_t D, const T* kp
     std::vector<Part<T, T>> parts;
     for (int64_t h = 0; h < KV; ++h)
       parts.push_back({qp + h * G * D, kp + h * kstride + whole * 16 * D, nullptr, sp + h * G * S + whole * 16,
-                       S - whole * 16, 0});
-    // the rows of y are S apart, not N: write the tail through a [G, N] buffer per head
-    std::vector<torch::Tensor> tails;
-    for (Part<T, T>& part : parts) {
-      tails.push_back(torch::empty({G, part.N}, torch::dtype(std::is_same_v<T, float> ? torch::kFloat
-                                                                                    : torch::kBFloat16)));
-      part.y = tails.back().data_ptr<T>();
-    }
+                       S - whole * 16, S, 0});  // the tail columns of rows S apart
     run_blocks(parts, G, D, G <= 2 ? 8 : 4);
-    for (int64_t h = 0; h < KV; ++h)
-      for (int64_t g = 0; g < G; ++g)
-        std::memcpy(sp + (h * G + g) * S + whole * 16, tails[h].data_ptr<T>() + g * parts[h].N,
-                    parts[h].N * sizeof(T));
   }
 }
 
@@ -376,10 +363,9 @@ void weighted_heads(const T* p, int64_t G, int64_t S, const T* v, int64_t D, T* 
   for (; d < D; ++d) weighted_tail(p, G, S, v, D, d, out);
 }
 
-// out[h] = p[h] v[h]: p [KV, G, S] the probabilities, v [KV, S, D], out [KV, G, D] contiguous; heads share one
-// thread pool
+// out[h] = p[h] v[h], heads on one thread pool: pp [KV, G, S] the probabilities (contiguous); vp [KV, S, D] with
+// heads vstride apart and rows D apart; op [KV, G, D] contiguous
 template <typename T>
-// pp [KV, G, S] contiguous; vp [KV, S, D] with heads vstride apart and rows D apart; op [KV, G, D] contiguous
 void weighted_rows_into(const T* pp, int64_t KV, int64_t G, int64_t S, const T* vp, int64_t vstride, int64_t D,
                         T* op) {
   at::parallel_for(0, KV, 1, [&](int64_t h0, int64_t h1) {
