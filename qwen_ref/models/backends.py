@@ -115,11 +115,10 @@ def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear:
         names.append("triton")
     if decode_linear == "invariant":
         attention = ops.get("attention", torch_ops.prefill_attention)
-        decode_attention = _invariant_decode_attention(ops.get("decode_attention", TORCH.decode_attention))
+        other_decode = ops.get("decode_attention", TORCH.decode_attention)
         ops.update(linear=_invariant_linear(model), silu_mul=torch_ops.silu_mul_rowwise, attention=attention,
                    rms_norm=ops.get("rms_norm", _invariant_rms_norm), rope_qk=_invariant_rope,
-                   decode_attention=decode_attention,
-                   attend_cached=_invariant_rows(per_group(attention, decode_attention)), batch_invariant=True,
+                   attend_cached=_invariant_rows(per_group(attention, other_decode)), batch_invariant=True,
                    write_rows=extension().write_rows)
         names.append("invariant")
     fields = {**_torch_fields(), **ops}
@@ -194,25 +193,13 @@ def _triton_ops() -> dict:
     return {"rms_norm": rms_norm, "attention": attention, "decode_attention": decode_attention}
 
 
-def _invariant_decode_attention(other: Attend) -> Attend:
-    from qwen_ref_kernels.invariant_attention import decode_attention
-
-    def attend(q, k, v, q_pos, window, scale):
-        # one query per row over all its keys: the C++ kernel's fixed orders; padded rows (q_pos) and sliding
-        # windows keep the other path
-        if q_pos is not None or window is not None or q.shape[2] != 1 or k.stride(-1) != 1:
-            return other(q, k, v, q_pos, window, scale)
-        return decode_attention(q, k, v, scale)
-
-    return attend
-
-
 def _invariant_rows(other: AttendCached) -> AttendCached:
     from qwen_ref_kernels.invariant_attention import decode_attention_rows
 
     def attend(q, groups, positions, window, scale):
-        # a decode step whose rows each hold exactly their own keys (the engine's per-request caches): one C++
-        # call for all rows, each row's numbers those of decode_attention on it alone; anything else per group
+        # a decode step whose rows each hold exactly their own keys (a one-row cache, a padded cache whose rows
+        # share a length, the engine's per-request caches): the C++ decode attention, one call for all rows, each
+        # row's numbers those of the row alone. Padded rows (positions) and sliding windows keep the other path.
         if q.shape[2] != 1 or window is not None or not all(g.exact_rows and g.k.stride(-1) == 1 for g in groups):
             return other(q, groups, positions, window, scale)
         return decode_attention_rows(q, [g.k for g in groups], [g.v for g in groups], scale)
