@@ -81,35 +81,64 @@ inline vf fold16(const vf* a) {
 template <typename T>
 constexpr int STEP = std::is_same_v<T, float> ? L : 2 * L;
 
-// MB rows of x times NB rows of w (x and w of one type T): every (m, n) pair runs the same per-lane sequence
-// whatever MB and NB are. O: the output type; a bfloat16 output is the float32 result rounded once (to nearest
-// even). ahead: how many rows of the next block of weight rows to prefetch at the same place, so that the memory
-// system always has the next rows in flight (the first tile of a block reads it from memory; later tiles hit
-// cache and pass 0). Prefetching changes no arithmetic.
+// v pinned in a register: without it GCC folds the weight loads into the multiply-adds as memory operands, so a
+// tile of 2 rows of x loaded each weight vector twice a step (24 loads a step for 16 multiply-adds, not 10)
+template <typename V>
+inline void in_register(V& v) {
+#if defined(__x86_64__)
+  __asm__("" : "+v"(v));
+#endif
+}
+
+// Weights a tile asks the memory system for while it runs (`bytes` from `at`, a share of the next block's rows,
+// spread over the tile's steps), so that the next block is in flight before it starts. Changes no arithmetic.
+struct Ahead {
+  const char* at;
+  int64_t bytes;
+};
+
+// Steps k0 .. k1 of MB rows of x times NB rows of w (x and w of one type T): every (m, n) pair runs the same
+// per-lane sequence whatever MB and NB are and however the steps are split into calls. k0 > 0: the lanes start
+// from `partial`, where the call before left them; k1 < K: they are left there (a float32 store and load change
+// no bits). k1 == K: the lanes are folded, the K % STEP last products and the bias added, and each sum written to
+// y as O (a bfloat16 output is the float32 result rounded once, to nearest even).
 template <int MB, int NB, typename T, typename O>
-inline void tile(const T* x, const T* w, int64_t K, const float* bias, O* y, int64_t ldy, int ahead) {
+inline void tile(const T* x, const T* w, int64_t K, int64_t k0, int64_t k1, vf* partial, const float* bias, O* y,
+                 int64_t ldy, Ahead ahead) {
   constexpr int S = STEP<T>;
   vf acc[MB][NB];
   for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) acc[m][n] = vf{};
-  int64_t k = 0;
-  for (; k + S <= K; k += S) {
-    for (int n = 0; n < ahead; ++n) __builtin_prefetch(w + (NB + n) * K + k);
+    for (int n = 0; n < NB; ++n) acc[m][n] = k0 ? partial[m * NB + n] : vf{};
+  const int64_t steps = (k1 - k0) / S, lines = ahead.bytes / 64, per_step = steps ? (lines + steps - 1) / steps : 0;
+  int64_t k = k0, line = 0;
+  for (; k + S <= k1; k += S) {
+    for (int64_t i = 0; i < per_step && line < lines; ++i, ++line) __builtin_prefetch(ahead.at + 64 * line);
     if constexpr (std::is_same_v<T, float>) {
       vf wv[NB];
-      for (int n = 0; n < NB; ++n) wv[n] = load(w + n * K + k);
+      for (int n = 0; n < NB; ++n) {
+        wv[n] = load(w + n * K + k);
+        if constexpr (MB > 1) in_register(wv[n]);
+      }
       for (int m = 0; m < MB; ++m) {
         vf xv = load(x + m * K + k);
         for (int n = 0; n < NB; ++n) acc[m][n] = fmadd(xv, wv[n], acc[m][n]);
       }
     } else {
       vu wv[NB];
-      for (int n = 0; n < NB; ++n) wv[n] = load_pairs(w + n * K + k);
+      for (int n = 0; n < NB; ++n) {
+        wv[n] = load_pairs(w + n * K + k);
+        if constexpr (MB > 1) in_register(wv[n]);
+      }
       for (int m = 0; m < MB; ++m) {
         vu xv = load_pairs(x + m * K + k);
         for (int n = 0; n < NB; ++n) acc[m][n] = dot_pairs(xv, wv[n], acc[m][n]);
       }
     }
+  }
+  if (k1 < K) {
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < NB; ++n) partial[m * NB + n] = acc[m][n];
+    return;
   }
   constexpr int C = (MB * NB + 15) / 16;  // fold16 calls
   vf all[16 * C] = {};
@@ -126,17 +155,37 @@ inline void tile(const T* x, const T* w, int64_t K, const float* bias, O* y, int
     }
 }
 
-constexpr int MB = 4;
+// Rows of x per tile: 2 x 8 tiles keep 16 sums and 8 weight vectors in registers and load 10 vectors for 16
+// multiply-adds (32 rows of Qwen2.5-0.5B's gate shape: 1.5x the GFLOP/s of 4 x 4 tiles, bench_invariant_linear.py).
+constexpr int MB = 2;
 
+// Steps per call when x has more than 2 rows and a row of weights is longer than 2 chunks: chunks of 2 KiB of
+// each row, so that a block's weights stay in the first-level cache while every tile of x passes over them
+// (Qwen2.5-0.5B's down_proj, K = 4,864, 32 rows: about 1.5x, bench_invariant_linear.py). A chunk is a whole number
+// of steps.
+template <typename T>
+inline int64_t chunk(int64_t M, int64_t K) {
+  constexpr int64_t C = 2048 / sizeof(T);
+  return M > 2 && K > 2 * C ? C : K;
+}
+
+// The rows of x times one block of NB weight rows (wb): chunk by chunk of K, tile by tile of x. The rows of the next
+// block are prefetched (`next`), an equal share in each tile's call.
 template <int NB, typename T, typename O>
-inline void rows(const T* x, const T* w, int64_t M, int64_t K, const float* bias, O* y, int64_t ldy, int ahead) {
-  int64_t m = 0;
-  for (; m + MB <= M; m += MB) tile<MB, NB>(x + m * K, w, K, bias, y + m * ldy, ldy, m == 0 ? ahead : 0);
-  switch (M - m) {
-    case 3: tile<3, NB>(x + m * K, w, K, bias, y + m * ldy, ldy, m == 0 ? ahead : 0); break;
-    case 2: tile<2, NB>(x + m * K, w, K, bias, y + m * ldy, ldy, m == 0 ? ahead : 0); break;
-    case 1: tile<1, NB>(x + m * K, w, K, bias, y + m * ldy, ldy, m == 0 ? ahead : 0); break;
-    default: break;
+inline void rows(const T* x, const T* wb, int64_t M, int64_t K, const float* bb, O* y, int64_t ldy, Ahead next,
+                 vf* partial) {
+  const int64_t kc = chunk<T>(M, K), calls = (M + MB - 1) / MB * ((K + kc - 1) / kc);
+  int64_t call = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t k1 = std::min(K, k0 + kc);
+    for (int64_t m = 0; m < M; m += MB, ++call) {
+      const int64_t from = next.bytes * call / calls, to = next.bytes * (call + 1) / calls;
+      const Ahead share{next.at + from, to - from};
+      if (M - m >= MB)
+        tile<MB, NB>(x + m * K, wb, K, k0, k1, partial + m * NB, bb, y + m * ldy, ldy, share);
+      else
+        tile<1, NB>(x + m * K, wb, K, k0, k1, partial + m * NB, bb, y + m * ldy, ldy, share);
+    }
   }
 }
 
@@ -150,21 +199,22 @@ struct Part {
   int64_t N, ldy, first_block;
 };
 
-// Rows of weights per block: 16 when x has 1 row, 8 when it has 2 (more weight rows in flight, for memory-bound
-// decode: one row at 16 reads 0.97 (float32) and 0.90 (bfloat16) of a torch.sum's bandwidth against 0.93 and 0.83 at
-// 8), else 4 (MB x NB accumulators must fit the registers). The sums of each (m, n) are the same whatever NB is.
+// Rows of weights per block: 16 when x has 1 row (more weight rows in flight, for memory-bound decode: one row at
+// 16 reads 0.97 (float32) and 0.90 (bfloat16) of a torch.sum's bandwidth against 0.93 and 0.83 at 8), else 8
+// (MB x NB sums must fit the registers). The sums of each (m, n) are the same whatever NB is.
 template <int NB, typename T, typename O>
 inline void block(const T* x, const T* wb, int64_t M, int64_t K, const float* bb, O* y, int64_t ldy, int64_t left,
-                  int ahead) {
+                  Ahead next, vf* partial) {
   if constexpr (NB > 1) {
-    if (left < NB) return block<NB - 1>(x, wb, M, K, bb, y, ldy, left, ahead);
+    if (left < NB) return block<NB - 1>(x, wb, M, K, bb, y, ldy, left, next, partial);
   }
-  rows<NB>(x, wb, M, K, bb, y, ldy, ahead);
+  rows<NB>(x, wb, M, K, bb, y, ldy, next, partial);
 }
 
 template <int NB, typename T, typename O>
 void run(const std::vector<Part<T, O>>& parts, int64_t blocks, int64_t M, int64_t K) {
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<vf> partial(chunk<T>(M, K) < K ? (M + MB - 1) / MB * MB * NB : 0);  // the lanes between chunks
     size_t p = 0;
     for (int64_t b = b0; b < b1; ++b) {
       while (b >= parts[p].first_block + (parts[p].N + NB - 1) / NB) ++p;
@@ -174,8 +224,9 @@ void run(const std::vector<Part<T, O>>& parts, int64_t blocks, int64_t M, int64_
       const float* bb = part.bias ? part.bias + n : nullptr;
       // weights read by one or two rows of x stream fastest without it (float32: 0.99 against 0.90 of a torch.sum
       // read of the same bytes; bfloat16: 0.69 against 0.66, measured on Qwen2.5-0.5B's decode shapes)
-      const int ahead = M <= 2 ? 0 : static_cast<int>(std::clamp<int64_t>(part.N - n - NB, 0, NB));
-      block<NB>(part.x, wb, M, K, bb, part.y + n, part.ldy, part.N - n, ahead);
+      const int64_t ahead = M <= 2 ? 0 : std::clamp<int64_t>(part.N - n - NB, 0, NB);
+      const Ahead next{reinterpret_cast<const char*>(wb + NB * K), ahead * K * static_cast<int64_t>(sizeof(T))};
+      block<NB>(part.x, wb, M, K, bb, part.y + n, part.ldy, part.N - n, next, partial.data());
     }
   });
 }
@@ -192,9 +243,10 @@ std::vector<float> widened(const torch::Tensor& t) {
   return out;
 }
 
-// The parts cut into blocks of nb weight rows (16, 8 or 4), numbered across parts, and run on one thread pool
+// The parts cut into blocks of 16 weight rows (x of 1 row) or 8, numbered across parts, and run on one thread pool
 template <typename T>
-void run_blocks(std::vector<Part<T, T>>& parts, int64_t M, int64_t K, int64_t nb) {
+void run_blocks(std::vector<Part<T, T>>& parts, int64_t M, int64_t K) {
+  const int64_t nb = M == 1 ? 16 : 8;
   int64_t blocks = 0;
   for (Part<T, T>& part : parts) {
     part.first_block = blocks;
@@ -202,10 +254,8 @@ void run_blocks(std::vector<Part<T, T>>& parts, int64_t M, int64_t K, int64_t nb
   }
   if (nb == 16)
     run<16>(parts, blocks, M, K);
-  else if (nb == 8)
-    run<8>(parts, blocks, M, K);
   else
-    run<4>(parts, blocks, M, K);
+    run<8>(parts, blocks, M, K);
 }
 
 template <typename T>
@@ -223,7 +273,7 @@ std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<t
     parts.push_back({x.data_ptr<T>(), ws[i].data_ptr<T>(), bs[i].numel() ? biases.back().data() : nullptr,
                      ys.back().data_ptr<T>(), N, N, 0});
   }
-  run_blocks(parts, M, K, M == 1 ? 16 : M <= 2 ? 8 : 4);
+  run_blocks(parts, M, K);
   return ys;
 }
 
@@ -287,7 +337,7 @@ void head_scores_into(const T* qp, int64_t KV, int64_t G, int64_t D, const T* kp
     for (int64_t h = 0; h < KV; ++h)
       parts.push_back({qp + h * G * D, kp + h * kstride + whole * 16 * D, nullptr, sp + h * G * S + whole * 16,
                        S - whole * 16, S, 0});  // the tail columns of rows S apart
-    run_blocks(parts, G, D, G <= 2 ? 8 : 4);
+    run_blocks(parts, G, D);
   }
 }
 

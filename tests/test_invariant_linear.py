@@ -49,7 +49,7 @@ def test_accuracy_within_the_float32_dot_product_bound(K, N, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("K,N", [(17, 5), (123, 37), (896, 1152)])
+@pytest.mark.parametrize("K,N", [(17, 5), (123, 37), (896, 1152), (2100, 21)])  # 2100: x of 3+ rows in chunks
 def test_rows_are_bit_equal_in_any_batch(K, N, dtype):
     x, w, b = _inputs(40, K, N, dtype, bias=True, seed=1)
     full = invariant_linear(x, w, b)
@@ -111,7 +111,7 @@ def _documented_order(x: np.ndarray, w: np.ndarray) -> np.float32:
     return np.float32(float(_fold_and_tail(lanes, xs, ws, body)))
 
 
-@pytest.mark.parametrize("K", [7, 16, 37, 53])
+@pytest.mark.parametrize("K", [7, 16, 37, 53, 1100])  # 1100: 3 rows of x take the steps in chunks of 512
 @pytest.mark.parametrize("N", [1, 4, 7])
 def test_the_documented_summation_order_bit_for_bit(K, N):
     x, w, _ = _inputs(3, K, N, torch.float32, bias=False, seed=K)
@@ -142,7 +142,7 @@ def _documented_order_bf16(x: np.ndarray, w: np.ndarray) -> float:
     return float(_fold_and_tail(lanes, xs, ws, body))
 
 
-@pytest.mark.parametrize("K", [7, 32, 45, 64, 101])
+@pytest.mark.parametrize("K", [7, 32, 45, 64, 101, 2100])  # 2100: chunks of 1,024
 def test_the_documented_bfloat16_order_bit_for_bit(K):
     x, w, _ = _inputs(3, K, 5, torch.bfloat16, bias=False, seed=K)
     x[0] *= 1e-20  # row 0 times weight 0: products and sums below the float32 normal range, flushed
