@@ -317,26 +317,40 @@ inline void scores16(const T* q, const T* k, int64_t D, T* out) {
   store16(out, fold16(acc));
 }
 
-// Decode attention of one row, per KV head h: scores[h] = q[h] k[h]^T with the linear's order (q [KV, G, D] the
-// G query heads that read KV head h, k [KV, S, D] its keys). Blocks of 16 keys of all heads share one thread pool;
-// a block's keys stay in cache for its G query rows. Keys past the last whole block of 16, and head sizes that
-// are not a multiple of STEP<T>, take the linear's own tiles (the same sums).
+// One row's attention operands: its q [KV, G, D] (contiguous), keys and values [KV, S, D] (heads kstride and vstride
+// apart, rows D apart), and the [KV, G, S] scores or probabilities and [KV, G, D] output it reads or writes.
 template <typename T>
-// qp [KV, G, D] contiguous; kp [KV, S, D] with heads kstride apart and rows D apart; sp [KV, G, S] contiguous
-void head_scores_into(const T* qp, int64_t KV, int64_t G, int64_t D, const T* kp, int64_t kstride, int64_t S, T* sp) {
-  const int64_t whole = D % STEP<T> == 0 ? S / 16 : 0;  // blocks of 16 keys for scores16
-  at::parallel_for(0, KV * whole, 8, [&](int64_t b0, int64_t b1) {
+struct HeadRow {
+  const T* q;
+  const T* k;
+  const T* v;
+  int64_t kstride, vstride;
+  T* scores;  // written by head_scores_into
+  const T* probs;  // read by weighted_rows_into
+  T* out;
+};
+
+// Decode attention scores of rows of S keys each, per KV head h: scores[h] = q[h] k[h]^T with the linear's order
+// (the G query heads that read KV head h against its keys). Blocks of 16 keys of all heads of all rows share one
+// thread pool; a block's keys stay in cache for its G query rows. Keys past the last whole block of 16, and head
+// sizes that are not a multiple of STEP<T>, take the linear's own tiles (the same sums), all in one more call.
+template <typename T>
+void head_scores_into(const std::vector<HeadRow<T>>& rows, int64_t KV, int64_t G, int64_t D, int64_t S) {
+  const int64_t whole = D % STEP<T> == 0 ? S / 16 : 0, per_row = KV * whole;  // blocks of 16 keys for scores16
+  at::parallel_for(0, static_cast<int64_t>(rows.size()) * per_row, 8, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t h = b / whole, s = (b % whole) * 16;
+      const HeadRow<T>& r = rows[b / per_row];
+      const int64_t h = b % per_row / whole, s = b % whole * 16;
       for (int64_t g = 0; g < G; ++g)
-        scores16(qp + (h * G + g) * D, kp + h * kstride + s * D, D, sp + (h * G + g) * S + s);
+        scores16(r.q + (h * G + g) * D, r.k + h * r.kstride + s * D, D, r.scores + (h * G + g) * S + s);
     }
   });
   if (whole * 16 < S) {
     std::vector<Part<T, T>> parts;
-    for (int64_t h = 0; h < KV; ++h)
-      parts.push_back({qp + h * G * D, kp + h * kstride + whole * 16 * D, nullptr, sp + h * G * S + whole * 16,
-                       S - whole * 16, S, 0});  // the tail columns of rows S apart
+    for (const HeadRow<T>& r : rows)
+      for (int64_t h = 0; h < KV; ++h)
+        parts.push_back({r.q + h * G * D, r.k + h * r.kstride + whole * 16 * D, nullptr,
+                         r.scores + h * G * S + whole * 16, S - whole * 16, S, 0});  // the tail columns, rows S apart
     run_blocks(parts, G, D);
   }
 }
@@ -344,8 +358,9 @@ void head_scores_into(const T* qp, int64_t KV, int64_t G, int64_t D, const T* kp
 template <typename T>
 torch::Tensor run_head_scores(const torch::Tensor& q, const torch::Tensor& k) {
   torch::Tensor scores = torch::empty({q.size(0), q.size(1), k.size(1)}, q.options());
-  head_scores_into<T>(q.data_ptr<T>(), q.size(0), q.size(1), q.size(2), k.data_ptr<T>(), k.stride(0), k.size(1),
-                      scores.data_ptr<T>());
+  const HeadRow<T> row{q.data_ptr<T>(), k.data_ptr<T>(), nullptr, k.stride(0), 0, scores.data_ptr<T>(), nullptr,
+                       nullptr};
+  head_scores_into<T>({row}, q.size(0), q.size(1), q.size(2), k.size(1));
   return scores;
 }
 
@@ -413,21 +428,24 @@ void weighted_heads(const T* p, int64_t G, int64_t S, const T* v, int64_t D, T* 
   for (; d < D; ++d) weighted_tail(p, G, S, v, D, d, out);
 }
 
-// out[h] = p[h] v[h], heads on one thread pool: pp [KV, G, S] the probabilities (contiguous); vp [KV, S, D] with
-// heads vstride apart and rows D apart; op [KV, G, D] contiguous
+// out[h] = probs[h] v[h] of each row, the heads of all rows on one thread pool
 template <typename T>
-void weighted_rows_into(const T* pp, int64_t KV, int64_t G, int64_t S, const T* vp, int64_t vstride, int64_t D,
-                        T* op) {
-  at::parallel_for(0, KV, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) weighted_heads(pp + h * G * S, G, S, vp + h * vstride, D, op + h * G * D);
+void weighted_rows_into(const std::vector<HeadRow<T>>& rows, int64_t KV, int64_t G, int64_t S, int64_t D) {
+  at::parallel_for(0, static_cast<int64_t>(rows.size()) * KV, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const HeadRow<T>& r = rows[i / KV];
+      const int64_t h = i % KV;
+      weighted_heads(r.probs + h * G * S, G, S, r.v + h * r.vstride, D, r.out + h * G * D);
+    }
   });
 }
 
 template <typename T>
 torch::Tensor run_weighted_rows(const torch::Tensor& p, const torch::Tensor& v) {
   torch::Tensor out = torch::empty({p.size(0), p.size(1), v.size(2)}, p.options());
-  weighted_rows_into<T>(p.data_ptr<T>(), p.size(0), p.size(1), p.size(2), v.data_ptr<T>(), v.stride(0), v.size(2),
-                        out.data_ptr<T>());
+  const HeadRow<T> row{nullptr, nullptr, v.data_ptr<T>(), 0, v.stride(0), nullptr, p.data_ptr<T>(),
+                       out.data_ptr<T>()};
+  weighted_rows_into<T>({row}, p.size(0), p.size(1), p.size(2), v.size(2));
   return out;
 }
 }  // namespace
@@ -472,9 +490,10 @@ template <typename T>
 void attend_groups(const torch::Tensor& q, const std::vector<torch::Tensor>& ks, const std::vector<torch::Tensor>& vs,
                    double scale, torch::Tensor& out) {
   const int64_t KV = q.size(1), G = q.size(2), D = q.size(3);
-  struct Row { const T* k; const T* v; int64_t kstride, vstride; };
-  std::vector<Row> rows;
+  std::vector<HeadRow<T>> rows;
   std::map<int64_t, std::vector<int64_t>> by_length;  // rows by their number of keys, in row order
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
   for (size_t i = 0; i < ks.size(); ++i) {
     const torch::Tensor &k = ks[i], &v = vs[i];
     TORCH_CHECK(k.dim() == 4 && k.size(1) == KV && k.size(3) == D && k.stride(3) == 1 && k.stride(2) == D &&
@@ -482,30 +501,27 @@ void attend_groups(const torch::Tensor& q, const std::vector<torch::Tensor>& ks,
                     k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && k.device().is_cpu(),
                 "attend_rows: key group ", i, " does not fit q [B, KV, G, D] (want [n, KV, S, D], rows contiguous)");
     for (int64_t r = 0; r < k.size(0); ++r) {
-      by_length[k.size(2)].push_back(static_cast<int64_t>(rows.size()));
-      rows.push_back({k.data_ptr<T>() + r * k.stride(0), v.data_ptr<T>() + r * v.stride(0), k.stride(1),
-                      v.stride(1)});
+      const int64_t b = static_cast<int64_t>(rows.size());
+      by_length[k.size(2)].push_back(b);
+      rows.push_back({qp + b * KV * G * D, k.data_ptr<T>() + r * k.stride(0), v.data_ptr<T>() + r * v.stride(0),
+                      k.stride(1), v.stride(1), nullptr, nullptr, op + b * KV * G * D});
     }
   }
   TORCH_CHECK(static_cast<int64_t>(rows.size()) == q.size(0), "attend_rows: the key groups hold ", rows.size(),
               " rows; q has ", q.size(0));
-  const T* qp = q.data_ptr<T>();
-  T* op = out.data_ptr<T>();
   for (const auto& [S, members] : by_length) {
     const int64_t n = static_cast<int64_t>(members.size());
     torch::Tensor scores = torch::empty({n, KV, G, S}, q.options());
-    T* sp = scores.data_ptr<T>();
+    std::vector<HeadRow<T>> group;
     for (int64_t i = 0; i < n; ++i) {
-      const Row& row = rows[members[i]];
-      head_scores_into<T>(qp + members[i] * KV * G * D, KV, G, D, row.k, row.kstride, S, sp + i * KV * G * S);
+      group.push_back(rows[members[i]]);
+      group.back().scores = scores.data_ptr<T>() + i * KV * G * S;
     }
+    head_scores_into<T>(group, KV, G, D, S);
     // numerics: softmax in float32, probabilities cast back to the activation dtype (HF eager)
     const torch::Tensor probs = at::softmax(scores.mul(scale), -1, at::kFloat).to(q.scalar_type());
-    const T* pp = probs.data_ptr<T>();
-    for (int64_t i = 0; i < n; ++i) {
-      const Row& row = rows[members[i]];
-      weighted_rows_into<T>(pp + i * KV * G * S, KV, G, S, row.v, row.vstride, D, op + members[i] * KV * G * D);
-    }
+    for (int64_t i = 0; i < n; ++i) group[i].probs = probs.data_ptr<T>() + i * KV * G * S;
+    weighted_rows_into<T>(group, KV, G, S, D);
   }
 }
 

@@ -363,3 +363,15 @@ def test_a_pass_run_a_layer_at_a_time_is_the_forward(qwen15):
     sliced = model.end(p, last_only=True)
     assert steps == len(model.model.layers) - 1 and torch.equal(whole, sliced)
     assert all(torch.equal(a, b) for a, b in zip(whole_cache.k + whole_cache.v, sliced_cache.k + sliced_cache.v))
+
+
+def test_the_sampled_rows_are_a_view_only_of_consecutive_rows_of_one_tensor():
+    from qwen_ref.engine.engine import _rows
+
+    step = torch.randn(4, 10)
+    view = _rows(list(step))  # a decode step's logits: no copy
+    assert torch.equal(view, step) and view.data_ptr() == step.data_ptr()
+    for rows in ([step[0], step[2], step[3]], [step[1], step[0]], [step[0], step[0]],  # gaps, order, one row twice
+                 [step[0], torch.randn(10)], [step[0, :5], step[1, :5]], [step[:, 0], step[:, 1]]):
+        out = _rows(rows)
+        assert torch.equal(out, torch.stack(rows)) and out.data_ptr() != step.data_ptr()

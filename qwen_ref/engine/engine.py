@@ -175,7 +175,7 @@ class Engine:
     def _sample(self, ready: list[Sequence]) -> None:
         if not ready:
             return
-        logits = torch.stack([seq.logits for seq in ready])  # [B, V]
+        logits = _rows([seq.logits for seq in ready])  # [B, V]
         for seq, drawn in zip(ready, sample_rows(ready, logits)):
             seq.logits = None
             if isinstance(drawn, QwenRefError):
@@ -245,3 +245,15 @@ class Engine:
             except Exception as e:  # a bug in the step itself: its requests fail, the engine goes on
                 for seq in list(self.scheduler.running):
                     self._fail(seq, EngineError(f"internal error in the engine: {type(e).__name__}: {e}"))
+
+
+def _rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The rows [V] as one tensor [B, V]: a view when they already are consecutive rows of one tensor (a decode
+    step's logits), else a copy. A copy of 32 rows of Qwen2's vocabulary is 10-20 MB a step, most of it page faults."""
+    first = rows[0]
+    n = first.numel()
+    consecutive = first.dim() == 1 and all(
+        r.shape == first.shape and r.dtype == first.dtype and r.is_contiguous()
+        and r.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and r.storage_offset() == first.storage_offset() + i * n for i, r in enumerate(rows))
+    return first.as_strided((len(rows), n), (n, 1)) if consecutive else torch.stack(rows)

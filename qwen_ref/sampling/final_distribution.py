@@ -86,7 +86,9 @@ def stages_0_to_2(logits: Tensor, params: Sequence[SamplingParams], history: His
         return z0
     history = history.to(z.device)
     r, f, p = penalty_values(params, z.device)
-    z2 = z0.clone()  # the one working copy; stages 1 and 2 write only the seen tokens' entries
+    # the one working copy (the widened or masked logits already are one); stages 1 and 2 write only the seen
+    # tokens' entries
+    z2 = z0.clone() if z0 is logits else z0
     repetition_penalty_(z2, history, r)
     frequency_presence_penalty_(z2, history, f, p)
     return z2
@@ -128,6 +130,8 @@ def _top_k_survivors(z: Tensor, k: list[int]) -> list[tuple[np.ndarray, np.ndarr
         kth, top_values, top_ids = kth_largest(z, torch.tensor(k))
         after_kth = top_values.gather(1, torch.tensor(k, device=z.device).clamp(0, top_values.shape[1] - 1)[:, None])
         tie_after_kth = (after_kth == kth)[:, 0].tolist()  # is the (k+1)-th largest equal to the k-th?
+        # numerics: the selected logits widened exactly to float64, for all rows at once
+        top_ids_np, top_values_np = top_ids.cpu().numpy(), top_values.to("cpu", torch.float64).numpy()
     out = []
     for b, kb in enumerate(k):
         if not limited[b]:
@@ -138,10 +142,13 @@ def _top_k_survivors(z: Tensor, k: list[int]) -> list[tuple[np.ndarray, np.ndarr
             else:
                 out.append((np.arange(len(row)), row))
             continue
-        if not tie_after_kth[b]:  # the k largest are exactly the tokens >= the k-th
-            ids_t = top_ids[b, :kb].sort().values
-        else:
-            ids_t = torch.nonzero(z[b] >= kth[b]).flatten()
+        if not tie_after_kth[b]:  # the k largest are exactly the tokens >= the k-th: topk's own ids and values
+            order = np.argsort(top_ids_np[b, :kb])  # the ids are distinct
+            ids, values = top_ids_np[b, order], top_values_np[b, order]
+            finite = values > NEG_INF
+            out.append((ids[finite], values[finite]))
+            continue
+        ids_t = torch.nonzero(z[b] >= kth[b]).flatten()
         ids_t = ids_t[z[b, ids_t] > NEG_INF]
         out.append((ids_t.cpu().numpy(), z[b, ids_t].to("cpu", torch.float64).numpy()))  # exact widening
     return out
