@@ -626,10 +626,20 @@ torch::Tensor rope_one(const torch::Tensor& x, const torch::Tensor& cos, const t
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       const T* xr = xp + b * x.stride(0) + h * x.stride(1);
+      const T* cr = cp + b * D;
+      const T* sr = sp + b * D;
       T* yr = yp + (b * H + h) * D;
-      for (int64_t i = 0; i < D; ++i) {
-        const T a = static_cast<T>(widen(xr[i]) * widen(cp[b * D + i]));
-        const T c = static_cast<T>(widen(xr[(i + half) % D]) * widen(sp[b * D + i]));
+      int64_t i = 0;
+      if (half % L == 0)  // 16 lanes at a time, each lane the scalar steps below
+        for (; i < D; i += L) {
+          const int64_t j = i < half ? i + half : i - half;
+          const vf a = as_dtype<T>(load16(xr + i) * load16(cr + i));
+          const vf c = as_dtype<T>(load16(xr + j) * load16(sr + i));
+          store16(yr + i, a + c);
+        }
+      for (; i < D; ++i) {
+        const T a = static_cast<T>(widen(xr[i]) * widen(cr[i]));
+        const T c = static_cast<T>(widen(xr[(i + half) % D]) * widen(sr[i]));
         yr[i] = static_cast<T>(widen(a) + widen(c));
       }
     }
@@ -647,6 +657,29 @@ std::vector<torch::Tensor> rope_qk(torch::Tensor q, torch::Tensor k, torch::Tens
               "rope_qk: want cos and sin [B, 1, 1, D] contiguous, float32 or bfloat16");
   if (cos.scalar_type() == torch::kBFloat16) return {rope_one<bf16>(q, cos, sin), rope_one<bf16>(k, cos, sin)};
   return {rope_one<float>(q, cos, sin), rope_one<float>(k, cos, sin)};
+}
+
+// torch_ops.silu_mul_rowwise in one call: silu(gate[b]) by torch's own silu, one call per row b of gate [B, T, N] (as
+// the row alone computes it), then the product with up (elementwise, exact either way). Rows run on the thread
+// pool when a row is below torch's grain size, so that torch's silu takes it in one piece as it does alone.
+torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up) {
+  TORCH_CHECK(gate.dim() == 3 && gate.is_contiguous() && up.sizes() == gate.sizes() &&
+                  up.scalar_type() == gate.scalar_type() && gate.device().is_cpu(),
+              "silu_mul_rows: want gate and up [B, T, N] of one dtype on the CPU, gate contiguous");
+  torch::Tensor out = torch::empty_like(gate);
+  const int64_t B = gate.size(0);
+  auto rows = [&](int64_t b0, int64_t b1) {
+    c10::InferenceMode inference;  // pool threads too: out's rows are written in place
+    for (int64_t b = b0; b < b1; ++b) {
+      torch::Tensor row = out[b];
+      at::silu_out(row, gate[b]);
+    }
+  };
+  if (gate[0].numel() < at::internal::GRAIN_SIZE)
+    at::parallel_for(0, B, 1, rows);
+  else
+    rows(0, B);
+  return out.mul_(up);
 }
 
 // 1 where dot_pairs runs the avx512_bf16 instruction, 0 where it runs the spelled-out steps (for the tests)

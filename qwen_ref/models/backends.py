@@ -116,7 +116,7 @@ def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear:
     if decode_linear == "invariant":
         attention = ops.get("attention", torch_ops.prefill_attention)
         other_decode = ops.get("decode_attention", TORCH.decode_attention)
-        ops.update(linear=_invariant_linear(model), silu_mul=torch_ops.silu_mul_rowwise, attention=attention,
+        ops.update(linear=_invariant_linear(model), silu_mul=_invariant_silu_mul, attention=attention,
                    rms_norm=ops.get("rms_norm", _invariant_rms_norm), rope_qk=_invariant_rope,
                    attend_cached=_invariant_rows(per_group(attention, other_decode)), batch_invariant=True,
                    write_rows=extension().write_rows)
@@ -138,6 +138,13 @@ def _invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> to
     if x.dtype not in SUPPORTED_WEIGHT_DTYPES or weight.dtype != x.dtype:
         return torch_ops.rms_norm(x, weight, eps)
     return extension().rms_norm_rows(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps).view(x.shape)
+
+
+def _invariant_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    # torch_ops.silu_mul_rowwise's bits (torch's silu, one call per row) in one C++ call
+    if gate.shape[0] == 1 or gate.dim() != 3 or gate.device.type != "cpu":
+        return torch_ops.silu_mul_rowwise(gate, up)
+    return extension().silu_mul_rows(gate.contiguous(), up)
 
 
 def _invariant_rope(q, k, cos, signed_sin):
