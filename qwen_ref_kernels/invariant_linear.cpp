@@ -682,6 +682,37 @@ torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up) {
   return out.mul_(up);
 }
 
+// One decoder layer of a decode step (one new token per row) in one call: the calls the model makes for it with the
+// invariant backend (qwen2.DecoderLayer.forward: rms_norm_rows, linears, rope_qk, write_rows, attend_rows,
+// silu_mul_rows or torch's silu for one row, and torch's residual adds), in the same order on the same tensors,
+// without Python between them. x [B, 1, hidden]; p: input_layernorm.weight, q/k/v_proj weights, their biases
+// (empty: none), o_proj.weight, post_attention_layernorm.weight, gate/up/down_proj weights; cos, sin [B, 1, 1, D]
+// (sin's first half negated); ks, vs: each row's cache of this layer [1, KV, capacity, D], the new token written
+// at starts[b]. Returns [B, 1, hidden].
+torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> p, double eps, torch::Tensor cos,
+                           torch::Tensor sin, std::vector<torch::Tensor> ks, std::vector<torch::Tensor> vs,
+                           std::vector<int64_t> starts, int64_t H, double scale) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && p.size() == 12 && cos.dim() == 4,
+              "decode_layer: want x [B, 1, hidden], 12 parameters and cos [B, 1, 1, D]");
+  const int64_t B = x.size(0), hidden = x.size(2), D = cos.size(3), KV = p[2].size(0) / D;
+  const torch::Tensor none = torch::empty({0}, x.options());
+  const torch::Tensor x2 = x.reshape({B, hidden}).contiguous();
+  const std::vector<torch::Tensor> qkv = linears(rms_norm_rows(x2, p[0], eps), {p[1], p[2], p[3]}, {p[4], p[5], p[6]});
+  // [B, heads * D] -> [B, 1, heads, D] -> [B, heads, 1, D], as Attention.forward views them
+  const std::vector<torch::Tensor> qk = rope_qk(qkv[0].view({B, 1, H, D}).transpose(1, 2),
+                                                qkv[1].view({B, 1, KV, D}).transpose(1, 2), cos, sin);
+  const std::vector<torch::Tensor> keys = write_rows(ks, qk[1], starts);
+  const std::vector<torch::Tensor> values = write_rows(vs, qkv[2].view({B, 1, KV, D}).transpose(1, 2), starts);
+  // [B, H, 1, D] -> [B, KV, G, D]: query head i reads KV head i // G (decode_attention_rows)
+  const torch::Tensor heads = attend_rows(qk[0].reshape({B, KV, H / KV, D}).contiguous(), keys, values, scale);
+  const torch::Tensor h = x2 + linears(heads.view({B, H * D}), {p[7]}, {none})[0];  // [B, KV, G, D] -> [B, H * D]
+  const std::vector<torch::Tensor> gate_up = linears(rms_norm_rows(h, p[8], eps), {p[9], p[10]}, {none, none});
+  const int64_t I = gate_up[0].size(1);
+  const torch::Tensor act = B == 1 ? at::silu(gate_up[0]) * gate_up[1]  // torch_ops.silu_mul
+                                   : silu_mul_rows(gate_up[0].view({B, 1, I}), gate_up[1].view({B, 1, I})).view({B, I});
+  return (h + linears(act, {p[11]}, {none})[0]).view({B, 1, hidden});
+}
+
 // 1 where dot_pairs runs the avx512_bf16 instruction, 0 where it runs the spelled-out steps (for the tests)
 int64_t native_bf16_pairs() {
 #if defined(__AVX512BF16__)

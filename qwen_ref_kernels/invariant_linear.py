@@ -41,7 +41,7 @@ _SOURCE = (Path(__file__).parent / "invariant_linear.cpp").read_text(encoding="u
 # -ffp-contract=off: no multiply-add is fused unless the source says so (fmadd, fmaf), whatever the compiler decides
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 FUNCTIONS = ["linears", "head_scores", "weighted_rows", "attend_rows", "write_rows", "rms_norm_rows", "rope_qk",
-             "silu_mul_rows", "native_bf16_pairs"]
+             "silu_mul_rows", "decode_layer", "native_bf16_pairs"]
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None  # why the build failed, once it has

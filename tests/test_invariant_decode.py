@@ -236,3 +236,46 @@ def test_server_exact_batching_decodes_the_requests_in_one_forward(tiny):
         hook.remove()
     assert outputs == alone
     assert max(b for b, t in rows if t == 1) > 1  # decode steps ran several requests in one forward
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5", "qwen1.5"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_one_call_decoder_layer_is_the_layer_op_by_op(tiny, preset, dtype):
+    # Backends.decode_layer runs a decode step's layer in one C++ call; the same model without it runs the layer's
+    # ops one by one. Logits and every cache entry must be bit-equal: one row alone, and rows of their own lengths
+    import dataclasses
+
+    from qwen_ref.models.kv_cache import RowCaches
+
+    model = load(tiny(preset), dtype=dtype).model
+    assert model.backends.decode_layer is not None
+    op_by_op = dataclasses.replace(model.backends, decode_layer=None)
+    prompts = [list(range(3, 40)), [11, 12], list(range(200, 217))]
+
+    def run(backends) -> tuple[list[torch.Tensor], list[KVCache]]:
+        model.backends = backends
+        caches = [model.new_cache(1, 48) for _ in prompts]
+        with torch.inference_mode():
+            for prompt, cache in zip(prompts, caches):
+                model(torch.tensor([prompt]), cache=cache, last_only=True)
+            out = [model(torch.tensor([[5]]), cache=caches[0])[0, 0]]  # one row, its own KVCache
+            for token in (9, 1000, 7):  # three rows of three lengths, one forward
+                rows = RowCaches(caches, backends.write_rows)
+                out.append(model(torch.tensor([[token]] * 3), cache=rows)[:, 0])
+        return out, caches
+
+    ran = []  # per decode_layer call: did the one call run (prefill chunks keep the ops)
+
+    def counted(layer, x, fwd):
+        out = backends.decode_layer(layer, x, fwd)
+        ran.append(out is not None)
+        return out
+
+    backends = model.backends
+    fused, fused_caches = run(dataclasses.replace(backends, decode_layer=counted))
+    assert sum(ran) == 4 * model.config.num_hidden_layers  # every layer of the 4 decode steps
+    alone, alone_caches = run(op_by_op)
+    for a, b in zip(fused, alone):
+        assert torch.equal(a, b)
+    for a, b in zip(fused_caches, alone_caches):
+        assert all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v))

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from qwen_ref.errors import CheckpointError
 from qwen_ref.models import torch_ops
-from qwen_ref.models.kv_cache import KeyGroup, WriteRows
+from qwen_ref.models.kv_cache import KeyGroup, KVCache, RowCaches, WriteRows
 from qwen_ref_kernels.invariant_linear import (  # the module needs no compiler until extension() builds it
     SUPPORTED_WEIGHT_DTYPES,
     InvariantLinearUnavailable,
@@ -66,6 +68,9 @@ class Backends:
     batch_invariant: bool = False
     # one call that copies new keys or values into many rows' own caches (kv_cache.RowCaches); None: row by row
     write_rows: WriteRows | None = None
+    # decode_layer(layer, x, fwd): a decoder layer's decode step in one call, with the numbers of the ops above, or
+    # None where it does not apply (the layer then runs op by op)
+    decode_layer: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor | None] | None = None
 
 
 def per_group(attention: Attend, decode_attention: Attend) -> AttendCached:
@@ -120,6 +125,8 @@ def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear:
                    rms_norm=ops.get("rms_norm", _invariant_rms_norm), rope_qk=_invariant_rope,
                    attend_cached=_invariant_rows(per_group(attention, other_decode)), batch_invariant=True,
                    write_rows=extension().write_rows)
+        if "rms_norm" not in ops or ops["rms_norm"] is _invariant_rms_norm:  # every op of a layer is C++ here
+            ops.update(decode_layer=_invariant_decode_layer)
         names.append("invariant")
     fields = {**_torch_fields(), **ops}
     if "attend_cached" not in ops:
@@ -145,6 +152,45 @@ def _invariant_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape[0] == 1 or gate.dim() != 3 or gate.device.type != "cpu":
         return torch_ops.silu_mul_rowwise(gate, up)
     return extension().silu_mul_rows(gate.contiguous(), up)
+
+
+def _invariant_decode_layer(layer: nn.Module, x: torch.Tensor, fwd: Any) -> torch.Tensor | None:
+    # a decode step's layer whose every op would be the invariant backend's C++ op: one C++ call running them in
+    # the model's order (invariant_linear.cpp decode_layer), so a 24-layer step spends no Python between its ~30
+    # small ops per layer. Adapters, sliding windows, padded caches and prefill keep the op-by-op path.
+    plan = _DECODE_PLANS.get(layer)
+    if plan is None:
+        plan = _DECODE_PLANS[layer] = _decode_plan(layer, x.dtype)
+    i, window, heads, scale, eps, params = plan
+    cache = fwd.cache
+    if x.shape[1] != 1 or fwd.lora is not None or window is not None or x.dtype != params[0].dtype:
+        return None
+    if isinstance(cache, RowCaches) and cache.write_rows is not None:
+        caches = cache.caches
+    elif isinstance(cache, KVCache) and cache.batch_size == 1:
+        caches = [cache]
+    else:
+        return None
+    ks, vs = [c.k[i] for c in caches], [c.v[i] for c in caches]
+    if not all(t.is_contiguous() for t in ks) or not all(t.is_contiguous() for t in vs):
+        return None
+    return extension().decode_layer(x, params, eps, fwd.cos.contiguous(), fwd.sin.contiguous(), ks, vs,
+                                    fwd.positions[:, 0].tolist(), heads, scale)
+
+
+# per decoder layer, what decode_layer reads of it: the Parameters themselves (a merged adapter swaps their data,
+# not them), looked up once instead of ~30 module attribute lookups a step
+_DECODE_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def _decode_plan(layer: nn.Module, dtype: torch.dtype) -> tuple:
+    attn, mlp, none = layer.self_attn, layer.mlp, torch.empty(0, dtype=dtype)
+    params = [layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+              *(none if m.bias is None else m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
+              attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight,
+              mlp.down_proj.weight]
+    assert layer.input_layernorm.eps == layer.post_attention_layernorm.eps  # one config value
+    return attn.layer_idx, attn.sliding_window, attn.num_heads, attn.scaling, layer.input_layernorm.eps, params
 
 
 def _invariant_rope(q, k, cos, signed_sin):
