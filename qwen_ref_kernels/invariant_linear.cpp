@@ -334,6 +334,12 @@ struct HeadRow {
 // (the G query heads that read KV head h against its keys). Blocks of 16 keys of all heads of all rows share one
 // thread pool; a block's keys stay in cache for its G query rows. Keys past the last whole block of 16, and head
 // sizes that are not a multiple of STEP<T>, take the linear's own tiles (the same sums), all in one more call.
+// Software prefetch distances of the decode attention's two passes over the cache (the hardware prefetchers leave
+// these reads latency-bound): 8 blocks of 16 keys ahead in the scores, 32 rows of values ahead in the weighted sum.
+// A/B at 8,192 cached tokens, 24 layers' caches (from memory), one process: Qwen2.5's 2 KV heads 1.19x (float32)
+// and 1.44x (bfloat16) faster, Qwen1.5's 16 heads 1.04x and 1.10x; 16 blocks / 64 rows and 4 / 16 were no better.
+constexpr int64_t KEY_BLOCKS_AHEAD = 8, VALUE_ROWS_AHEAD = 32;
+
 template <typename T>
 void head_scores_into(const std::vector<HeadRow<T>>& rows, int64_t KV, int64_t G, int64_t D, int64_t S) {
   const int64_t whole = D % STEP<T> == 0 ? S / 16 : 0, per_row = KV * whole;  // blocks of 16 keys for scores16
@@ -341,8 +347,11 @@ void head_scores_into(const std::vector<HeadRow<T>>& rows, int64_t KV, int64_t G
     for (int64_t b = b0; b < b1; ++b) {
       const HeadRow<T>& r = rows[b / per_row];
       const int64_t h = b % per_row / whole, s = b % whole * 16;
-      for (int64_t g = 0; g < G; ++g)
-        scores16(r.q + (h * G + g) * D, r.k + h * r.kstride + s * D, D, r.scores + (h * G + g) * S + s);
+      const T* keys = r.k + h * r.kstride + s * D;
+      if (s + 16 * (KEY_BLOCKS_AHEAD + 1) <= S)  // the block of keys KEY_BLOCKS_AHEAD blocks on, asked for now
+        for (int64_t byte = 0; byte < 16 * D * static_cast<int64_t>(sizeof(T)); byte += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(keys + 16 * KEY_BLOCKS_AHEAD * D) + byte);
+      for (int64_t g = 0; g < G; ++g) scores16(r.q + (h * G + g) * D, keys, D, r.scores + (h * G + g) * S + s);
     }
   });
   if (whole * 16 < S) {
@@ -379,6 +388,8 @@ void weighted_block(const T* p, int64_t S, const T* v, int64_t D, int64_t d0, T*
   for (int g = 0; g < GB; ++g)
     for (int j = 0; j < V; ++j) acc[g][j] = vf{};
   for (int64_t s = 0; s < S; ++s) {
+    for (int j = 0; j < V * L * static_cast<int>(sizeof(T)); j += 64)  // the columns read VALUE_ROWS_AHEAD rows on
+      __builtin_prefetch(reinterpret_cast<const char*>(v + (s + VALUE_ROWS_AHEAD) * D + d0) + j);
     vf vs[V];
     for (int j = 0; j < V; ++j) vs[j] = load16(v + s * D + d0 + j * L);
     for (int g = 0; g < GB; ++g) {
