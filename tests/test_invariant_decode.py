@@ -279,3 +279,25 @@ def test_the_one_call_decoder_layer_is_the_layer_op_by_op(tiny, preset, dtype):
         assert torch.equal(a, b)
     for a, b in zip(fused_caches, alone_caches):
         assert all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v))
+
+
+def test_float32_prefill_linears_run_the_kernel_in_blocks_of_rows(tiny):
+    # a float32 prompt longer than one call's rows: the kernel in blocks of KERNEL_PREFILL_ROWS, each row the bits
+    # of that row alone; bfloat16 prefill keeps BLAS (F.linear's bits)
+    from qwen_ref.models.backends import KERNEL_PREFILL_ROWS
+    from qwen_ref_kernels.invariant_linear import invariant_linear
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load(tiny("qwen2.5"), dtype=str(dtype)[6:]).model
+        attn = model.model.layers[0].self_attn
+        layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+        x = torch.randn(2, KERNEL_PREFILL_ROWS + 11, model.config.hidden_size).to(dtype)  # 150 rows in 3 calls
+        ys = model.backends.linear(x, layers)
+        for y, m in zip(ys, layers, strict=True):
+            assert y.shape == (*x.shape[:2], m.weight.shape[0])
+            if dtype == torch.float32:
+                for b, t in [(0, 0), (0, 63), (0, 64), (1, 10), (1, 74)]:
+                    assert torch.equal(y[b, t], invariant_linear(x[b, t][None], m.weight, m.bias)[0]), (b, t)
+                torch.testing.assert_close(y, torch.nn.functional.linear(x, m.weight, m.bias), rtol=0, atol=1e-5)
+            else:
+                assert torch.equal(y, torch.nn.functional.linear(x, m.weight, m.bias))

@@ -43,11 +43,11 @@ DECODE_LINEARS = ("auto", "torch", "invariant")
 
 log = logging.getLogger("qwen_ref")
 
-# float32 prefill chunks of up to this many tokens run the invariant backend's linears through its kernel too.
-# Measured against BLAS in one run (Qwen2.5-0.5B shapes, a 512-token prompt, 2 threads): float32 prefill in chunks
-# of 32 took 1.88 s against 3.66, chunks of 64 1.73 against 2.81. In bfloat16 BLAS is the faster (chunks of 32:
-# 1.15 s against the kernel's 1.32; 64: 0.91 against 1.26), so bfloat16 prefill keeps it. The engine's default
-# chunk is 32 tokens.
+# Float32 prefill runs its linears through the invariant kernel too, KERNEL_PREFILL_ROWS rows per call (each row's
+# sums are the same in any call: the kernel is batch-invariant). Its 2 x 8 tiles beat float32 BLAS there: on
+# Qwen2.5-0.5B shapes, 2 threads, the engine's chunks of 32 tokens ran at 1.36x (512 tokens) and 0.92x (4,096) the
+# throughput of torch.mm over the one-shot shapes (bench_prefill.py). In bfloat16, BLAS's large-M products are the
+# faster (about 780 GFLOP/s against the kernel's ~500 at 32 rows), so bfloat16 prefill keeps BLAS.
 KERNEL_PREFILL_ROWS = 64
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int | None, float], torch.Tensor]
@@ -283,14 +283,19 @@ def _invariant_linear(model: nn.Module) -> Callable[[torch.Tensor, Sequence[nn.L
         raise CheckpointError(f"decode_linear='invariant': {e}") from None
 
     def linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
-        # one kernel call for all the layers: always for a decode step (one token per row), and for a float32
-        # prefill chunk of at most KERNEL_PREFILL_ROWS tokens; the rest keeps BLAS, faster there
-        if x.dim() != 3 or (x.shape[1] != 1 and (x.dtype != torch.float32
-                                                 or x.shape[0] * x.shape[1] > KERNEL_PREFILL_ROWS)):
+        # one kernel call for all the layers: a decode step (one token per row), and float32 prefill in calls of
+        # KERNEL_PREFILL_ROWS rows; bfloat16 prefill keeps BLAS, faster there
+        if x.dim() != 3 or (x.shape[1] != 1 and x.dtype != torch.float32):
             return torch_ops.linear(x, layers)
         B, T = x.shape[:2]
-        ys = linears_unchecked(x.reshape(B * T, -1), [m.weight for m in layers],
-                               [m.bias for m in layers])  # [B*T, N_i]
+        rows = x.reshape(B * T, -1)  # [B*T, K]
+        weights, biases = [m.weight for m in layers], [m.bias for m in layers]
+        if len(rows) <= KERNEL_PREFILL_ROWS:
+            ys = linears_unchecked(rows, weights, biases)  # [B*T, N_i]
+        else:
+            blocks = [linears_unchecked(rows[i : i + KERNEL_PREFILL_ROWS], weights, biases)
+                      for i in range(0, len(rows), KERNEL_PREFILL_ROWS)]
+            ys = [torch.cat(parts) for parts in zip(*blocks)]  # [B*T, N_i]
         return [y.view(B, T, -1) for y in ys]  # [B, T, N_i]
 
     return linear
