@@ -283,8 +283,8 @@ def test_the_one_call_decoder_layer_is_the_layer_op_by_op(tiny, preset, dtype):
 
 def test_float32_prefill_linears_run_the_kernel_in_blocks_of_rows(tiny):
     # a float32 prompt longer than one call's rows: the kernel in blocks of KERNEL_PREFILL_ROWS, each row the bits
-    # of that row alone; bfloat16 prefill keeps BLAS (F.linear's bits)
-    from qwen_ref.models.backends import KERNEL_PREFILL_ROWS
+    # of that row alone; bfloat16 prefill longer than BF16_KERNEL_ROWS keeps BLAS (F.linear's bits)
+    from qwen_ref.models.backends import BF16_KERNEL_ROWS, KERNEL_PREFILL_ROWS
     from qwen_ref_kernels.invariant_linear import invariant_linear
 
     for dtype in (torch.float32, torch.bfloat16):
@@ -301,3 +301,6 @@ def test_float32_prefill_linears_run_the_kernel_in_blocks_of_rows(tiny):
                 torch.testing.assert_close(y, torch.nn.functional.linear(x, m.weight, m.bias), rtol=0, atol=1e-5)
             else:
                 assert torch.equal(y, torch.nn.functional.linear(x, m.weight, m.bias))
+                short = x[:1, :BF16_KERNEL_ROWS]  # the engine's chunk: the kernel's rows
+                assert torch.equal(model.backends.linear(short, [m])[0][0, 5], invariant_linear(short[0, 5][None],
+                                                                                                m.weight, m.bias)[0])

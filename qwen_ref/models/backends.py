@@ -43,12 +43,14 @@ DECODE_LINEARS = ("auto", "torch", "invariant")
 
 log = logging.getLogger("qwen_ref")
 
-# Float32 prefill runs its linears through the invariant kernel too, KERNEL_PREFILL_ROWS rows per call (each row's
-# sums are the same in any call: the kernel is batch-invariant). Its 2 x 8 tiles beat float32 BLAS there: on
-# Qwen2.5-0.5B shapes, 2 threads, the engine's chunks of 32 tokens ran at 1.36x (512 tokens) and 0.92x (4,096) the
-# throughput of torch.mm over the one-shot shapes (bench_prefill.py). In bfloat16, BLAS's large-M products are the
-# faster (about 780 GFLOP/s against the kernel's ~500 at 32 rows), so bfloat16 prefill keeps BLAS.
+# Prefill through the invariant kernel (each row's sums are the same in any call: the kernel is batch-invariant).
+# float32: every prefill linear, KERNEL_PREFILL_ROWS rows per call; the kernel's 2 x 8 tiles beat float32 BLAS
+# (Qwen2.5-0.5B shapes, 2 threads: one-shot prefill at 1.33x (512 tokens) and 1.15x (4,096) torch.mm's throughput
+# on the same shapes, against 0.89 / 0.78 with BLAS; bench_prefill.py). bfloat16: chunks of up to
+# BF16_KERNEL_ROWS tokens (the engine's default chunk); longer ones keep BLAS, whose large-M bfloat16 products are
+# the faster (512 tokens in chunks of 32: 0.93 s against BLAS's 1.06; chunks of 64: 0.86 against 0.80).
 KERNEL_PREFILL_ROWS = 64
+BF16_KERNEL_ROWS = 32
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int | None, float], torch.Tensor]
 AttendCached = Callable[[torch.Tensor, Sequence[KeyGroup], torch.Tensor, int | None, float], torch.Tensor]
@@ -283,9 +285,10 @@ def _invariant_linear(model: nn.Module) -> Callable[[torch.Tensor, Sequence[nn.L
         raise CheckpointError(f"decode_linear='invariant': {e}") from None
 
     def linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
-        # one kernel call for all the layers: a decode step (one token per row), and float32 prefill in calls of
-        # KERNEL_PREFILL_ROWS rows; bfloat16 prefill keeps BLAS, faster there
-        if x.dim() != 3 or (x.shape[1] != 1 and x.dtype != torch.float32):
+        # one kernel call for all the layers: a decode step (one token per row), float32 prefill in calls of
+        # KERNEL_PREFILL_ROWS rows, bfloat16 prefill chunks of up to BF16_KERNEL_ROWS tokens; BLAS for the rest
+        if x.dim() != 3 or (x.shape[1] != 1 and x.dtype != torch.float32
+                            and x.shape[0] * x.shape[1] > BF16_KERNEL_ROWS):
             return torch_ops.linear(x, layers)
         B, T = x.shape[:2]
         rows = x.reshape(B * T, -1)  # [B*T, K]
