@@ -6,7 +6,8 @@ warm-up. Decode tok/s excludes the prefill: it is (N - 1) / (time(N new tokens) 
 once per --decode-linear choice: "torch" (BLAS, bit-equal to transformers) and "invariant" (the batch-invariant
 CPU kernel, what load()'s default "auto" picks on the CPU). The roofline fraction is taken in --rounds rounds of
 (read 1 GiB, time 8 decode steps at the mid-generation context): bytes a step reads / step time / that round's
-read bandwidth, median over rounds (limits.py). One JSON line per case, then a table.
+read bandwidth, median over rounds (limits.py). The same rounds time the step's linears alone (StepLinears):
+outside_linears_ms is what the step's other ops cost. One JSON line per case, then a table.
 
     python benchmarks/bench_generate.py [--preset P ...] [--dtype D ...] [--prompt-len 128] [--new-tokens 64]
                                         [--decode-linear torch invariant] [--rounds 7]
@@ -139,6 +140,36 @@ class DecodeSteps:
         return statistics.median(self.run(self.steps))
 
 
+class StepLinears:
+    """The linears of one decode step alone: every layer's q/k/v, o, gate/up and down and the lm_head, through the
+    model's own backend, on inputs of the step's shapes. A step's time less this one is what its other ops cost
+    (attention, RMSNorm, rope, cache writes, residual adds, Python). Median of `steps` runs, as DecodeSteps."""
+
+    def __init__(self, model, batch: int, steps: int):
+        c, w = model.config, model.lm_head.weight
+        self.model, self.steps = model, steps
+        self.x = {n: torch.randn(batch, 1, n, dtype=w.dtype, device=w.device)  # [B, 1, K]
+                  for n in (c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size)}
+
+    def run(self) -> float:
+        c, linear = self.model.config, self.model.backends.linear
+        hidden, heads, inner = (self.x[n] for n in (c.hidden_size, c.num_attention_heads * c.head_dim,
+                                                     c.intermediate_size))
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for layer in self.model.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                linear(hidden, [attn.q_proj, attn.k_proj, attn.v_proj])
+                linear(heads, [attn.o_proj])
+                linear(hidden, [mlp.gate_proj, mlp.up_proj])
+                linear(inner, [mlp.down_proj])
+            linear(hidden, [self.model.lm_head])
+        return time.perf_counter() - t
+
+    def __call__(self) -> float:
+        return statistics.median(self.run() for _ in range(self.steps))
+
+
 def context_sweep(model, dtype: torch.dtype, contexts: list[int], batch: int, rounds: int, probe) -> list[dict]:
     """Decode-step cost at growing cached lengths against what the extra bytes predict: the contexts' steps are
     timed in turn in each round (limits.interleaved), and the cost ratio to the first context is taken per round."""
@@ -182,10 +213,15 @@ def bench_case(args, preset, path, dtype, device, decode_linear, prompts, probe)
     step_bytes = wbytes + args.batch * kv_bytes_per_token(model, context, dtype)
     row["bytes_per_step"] = step_bytes
     if probe is not None:
-        # each round: the probe reads 1 GiB, then 8 decode steps at the mid-generation context are timed
-        steps = DecodeSteps(model, args.batch, context, 8)
-        r = interleaved({"step": steps}, args.rounds, probe)["step"]
+        # each round: the probe reads 1 GiB, then 8 decode steps at the mid-generation context are timed; then the
+        # probe again and the same steps' linears alone
+        timed = interleaved({"step": DecodeSteps(model, args.batch, context, 8),
+                             "linears": StepLinears(model, args.batch, 8)}, args.rounds, probe)
+        r, lin = timed["step"], timed["linears"]
         row["step_ms"] = round(r["s"] * 1e3, 2)
+        row["linears_ms"] = round(lin["s"] * 1e3, 2)
+        row["outside_linears_ms"] = round(statistics.median(a - b for a, b in zip(r["seconds"], lin["seconds"])) * 1e3,
+                                          2)
         row["read_bandwidth_gb_s"] = round(r["probe_bytes_per_s"] / 1e9, 1)
         row["roofline_fraction"] = round(roofline_fraction(step_bytes, r["seconds"], r["probes"]), 3)
     if args.context_sweep:
