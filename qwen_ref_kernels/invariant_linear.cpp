@@ -156,13 +156,13 @@ inline void tile(const T* x, const T* w, int64_t K, int64_t k0, int64_t k1, vf* 
 }
 
 // Rows of x per tile: 2 x 8 tiles keep 16 sums and 8 weight vectors in registers and load 10 vectors for 16
-// multiply-adds (32 rows of Qwen2.5-0.5B's gate shape: 1.5x the GFLOP/s of 4 x 4 tiles, bench_invariant_linear.py).
+// multiply-adds. With the chunks and prefetching below, a step's linears at 32 rows went from 143.7 to 108.3 ms
+// (float32) and from 94.0 to 62.3 ms (bfloat16) against 4 x 4 tiles (bench_invariant_linear.py, Qwen2.5-0.5B).
 constexpr int MB = 2;
 
 // Steps per call when x has more than 2 rows and a row of weights is longer than 2 chunks: chunks of 2 KiB of
-// each row, so that a block's weights stay in the first-level cache while every tile of x passes over them
-// (Qwen2.5-0.5B's down_proj, K = 4,864, 32 rows: about 1.5x, bench_invariant_linear.py). A chunk is a whole number
-// of steps.
+// each row, so that a block's weights stay in the first-level cache while every tile of x passes over them (Qwen2.5's
+// down_proj, K = 4,864, gained most). A chunk is a whole number of steps.
 template <typename T>
 inline int64_t chunk(int64_t M, int64_t K) {
   constexpr int64_t C = 2048 / sizeof(T);
@@ -330,16 +330,17 @@ struct HeadRow {
   T* out;
 };
 
+// Software prefetch distances of the decode attention's two passes over the cache (the hardware prefetchers leave
+// these reads latency-bound): 8 blocks of 16 keys ahead in the scores, 32 rows of values ahead in the weighted sum.
+// Measured on bench_invariant_attention.py's cases (8,192 cached tokens, 24 layers' caches), this source with and
+// without them built side by side in one process, rounds alternating: Qwen2.5's 2 KV heads 1.19x (float32) and
+// 1.44x (bfloat16) faster, Qwen1.5's 16 heads 1.04x and 1.10x; 16 blocks / 64 rows and 4 / 16 were no better.
+constexpr int64_t KEY_BLOCKS_AHEAD = 8, VALUE_ROWS_AHEAD = 32;
+
 // Decode attention scores of rows of S keys each, per KV head h: scores[h] = q[h] k[h]^T with the linear's order
 // (the G query heads that read KV head h against its keys). Blocks of 16 keys of all heads of all rows share one
 // thread pool; a block's keys stay in cache for its G query rows. Keys past the last whole block of 16, and head
 // sizes that are not a multiple of STEP<T>, take the linear's own tiles (the same sums), all in one more call.
-// Software prefetch distances of the decode attention's two passes over the cache (the hardware prefetchers leave
-// these reads latency-bound): 8 blocks of 16 keys ahead in the scores, 32 rows of values ahead in the weighted sum.
-// A/B at 8,192 cached tokens, 24 layers' caches (from memory), one process: Qwen2.5's 2 KV heads 1.19x (float32)
-// and 1.44x (bfloat16) faster, Qwen1.5's 16 heads 1.04x and 1.10x; 16 blocks / 64 rows and 4 / 16 were no better.
-constexpr int64_t KEY_BLOCKS_AHEAD = 8, VALUE_ROWS_AHEAD = 32;
-
 template <typename T>
 void head_scores_into(const std::vector<HeadRow<T>>& rows, int64_t KV, int64_t G, int64_t D, int64_t S) {
   const int64_t whole = D % STEP<T> == 0 ? S / 16 : 0, per_row = KV * whole;  // blocks of 16 keys for scores16
