@@ -81,8 +81,8 @@ inline vf fold16(const vf* a) {
 template <typename T>
 constexpr int STEP = std::is_same_v<T, float> ? L : 2 * L;
 
-// v pinned in a register: without it GCC folds the weight loads into the multiply-adds as memory operands, so a
-// tile of 2 rows of x loaded each weight vector twice a step (24 loads a step for 16 multiply-adds, not 10)
+// v pinned in a register: without it GCC folds the weight loads into the multiply-adds as memory operands, loading
+// each weight vector once per row of x instead of once per step (a 4 x 4 tile read 20 vectors a step, not 8)
 template <typename V>
 inline void in_register(V& v) {
 #if defined(__x86_64__)
