@@ -672,8 +672,9 @@ std::vector<torch::Tensor> rope_qk(torch::Tensor q, torch::Tensor k, torch::Tens
 }
 
 // torch_ops.silu_mul_rowwise in one call: silu(gate[b]) by torch's own silu, one call per row b of gate [B, T, N] (as
-// the row alone computes it), then the product with up (elementwise, exact either way). Rows run on the thread
-// pool when a row is below torch's grain size, so that torch's silu takes it in one piece as it does alone.
+// the row alone computes it; one row: torch_ops.silu_mul), then the product with up (elementwise, exact either
+// way). Rows run on the thread pool when a row is below torch's grain size, so that torch's silu takes it in one
+// piece as it does alone; a longer row runs alone, with torch's own threads.
 torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up) {
   TORCH_CHECK(gate.dim() == 3 && gate.is_contiguous() && up.sizes() == gate.sizes() &&
                   up.scalar_type() == gate.scalar_type() && gate.device().is_cpu(),
@@ -696,7 +697,7 @@ torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up) {
 
 // One decoder layer of a decode step (one new token per row) in one call: the calls the model makes for it with the
 // invariant backend (qwen2.DecoderLayer.forward: rms_norm_rows, linears, rope_qk, write_rows, attend_rows,
-// silu_mul_rows or torch's silu for one row, and torch's residual adds), in the same order on the same tensors,
+// silu_mul_rows, and torch's residual adds), in the same order on the same tensors,
 // without Python between them. x [B, 1, hidden]; p: input_layernorm.weight, q/k/v_proj weights, their biases
 // (empty: none), o_proj.weight, post_attention_layernorm.weight, gate/up/down_proj weights; cos, sin [B, 1, 1, D]
 // (sin's first half negated); ks, vs: each row's cache of this layer [1, KV, capacity, D], the new token written
@@ -720,8 +721,7 @@ torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> p, double
   const torch::Tensor h = x2 + linears(heads.view({B, H * D}), {p[7]}, {none})[0];  // [B, KV, G, D] -> [B, H * D]
   const std::vector<torch::Tensor> gate_up = linears(rms_norm_rows(h, p[8], eps), {p[9], p[10]}, {none, none});
   const int64_t I = gate_up[0].size(1);
-  const torch::Tensor act = B == 1 ? at::silu(gate_up[0]) * gate_up[1]  // torch_ops.silu_mul
-                                   : silu_mul_rows(gate_up[0].view({B, 1, I}), gate_up[1].view({B, 1, I})).view({B, I});
+  const torch::Tensor act = silu_mul_rows(gate_up[0].view({B, 1, I}), gate_up[1].view({B, 1, I})).view({B, I});
   return (h + linears(act, {p[11]}, {none})[0]).view({B, 1, hidden});
 }
 

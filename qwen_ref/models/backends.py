@@ -150,8 +150,8 @@ def _invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> to
 
 
 def _invariant_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    # torch_ops.silu_mul_rowwise's bits (torch's silu, one call per row) in one C++ call
-    if gate.shape[0] == 1 or gate.dim() != 3 or gate.device.type != "cpu":
+    # torch_ops.silu_mul_rowwise's bits (torch's silu, one call per row; one row: silu_mul) in one C++ call
+    if gate.dim() != 3 or gate.device.type != "cpu":
         return torch_ops.silu_mul_rowwise(gate, up)
     return extension().silu_mul_rows(gate.contiguous(), up)
 
