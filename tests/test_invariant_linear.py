@@ -111,8 +111,10 @@ def _documented_order(x: np.ndarray, w: np.ndarray) -> np.float32:
     return np.float32(float(_fold_and_tail(lanes, xs, ws, body)))
 
 
-@pytest.mark.parametrize("K", [7, 16, 37, 53, 1100])  # 1100: 3 rows of x take the steps in chunks of 512
-@pytest.mark.parametrize("N", [1, 4, 7])
+# 3 rows of x: K = 1100 takes the steps in chunks of 512. N = 12: the first block of 8 weight rows prefetches the
+# next and interleaves its rows' steps; a block with nothing to prefetch runs each weight row through on its own
+@pytest.mark.parametrize("K", [7, 16, 37, 53, 1100])
+@pytest.mark.parametrize("N", [1, 4, 7, 12])
 def test_the_documented_summation_order_bit_for_bit(K, N):
     x, w, _ = _inputs(3, K, N, torch.float32, bias=False, seed=K)
     y = invariant_linear(x, w).numpy()
@@ -144,14 +146,14 @@ def _documented_order_bf16(x: np.ndarray, w: np.ndarray) -> float:
 
 @pytest.mark.parametrize("K", [7, 32, 45, 64, 101, 2100])  # 2100: chunks of 1,024
 def test_the_documented_bfloat16_order_bit_for_bit(K):
-    x, w, _ = _inputs(3, K, 5, torch.bfloat16, bias=False, seed=K)
+    x, w, _ = _inputs(3, K, 12, torch.bfloat16, bias=False, seed=K)  # 12: both step orders, as above
     x[0] *= 1e-20  # row 0 times weight 0: products and sums below the float32 normal range, flushed
     w[0] *= 1e-19
     w[1, 1::4] = 3e-39  # subnormal bfloat16 inputs: read as zero
     x[2, :5] = -4e-39
     y = invariant_linear(x, w)
     for m in range(3):
-        for n in range(5):
+        for n in range(12):
             want = torch.tensor(_documented_order_bf16(x[m].float().numpy(), w[n].float().numpy())).bfloat16()
             assert y[m, n].view(torch.int16) == want.view(torch.int16), (K, m, n, y[m, n], want)
 
