@@ -123,6 +123,24 @@ def test_head_scores_are_the_linears_sums(G, D, S, dtype):
         assert torch.equal(scores[h].view(bits), linear.view(bits))
 
 
+@pytest.mark.parametrize(("G", "D"), [(7, 64), (8, 64), (12, 128), (3, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_of_a_query_head_do_not_depend_on_the_heads_beside_it(G, D, dtype):
+    # up to 7 query heads per KV head take whole rows of values in one pass, more take them 32 columns at a time,
+    # and 1 head alone takes its own path: each (head, column) sum is the same key-order sequence in all of them
+    from qwen_ref_kernels.invariant_linear import extension
+
+    ext = extension()
+    g = torch.Generator().manual_seed(G * D)
+    S = 300
+    probs = torch.softmax(torch.randn(2, G, S, generator=g), -1).to(dtype)  # [KV, G, S]
+    v = torch.randn(2, S + 5, D, generator=g).to(dtype)[:, :S]  # a cache's view: rows contiguous
+    together = ext.weighted_rows(probs, v)  # [KV, G, D]
+    for h in range(G):
+        alone = ext.weighted_rows(probs[:, h : h + 1].contiguous(), v)
+        assert torch.equal(together[:, h : h + 1], alone), h
+
+
 def test_groups_of_several_rows_and_single_rows_in_one_call():
     # a padded cache's group (rows sharing a length) beside rows with their own caches, as one call: each row's
     # bits are its bits alone
