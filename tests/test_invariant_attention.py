@@ -56,23 +56,26 @@ def test_values_sum_in_key_order():
     assert out[0, 0, 0, 0].item() == 2.0  # (3 + 5) / 4
 
 
+@pytest.mark.parametrize("D", [64, 128, 80])  # scales 1/8 (exact), 128**-0.5 and 80**-0.5 (rounded products)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_of_their_own_lengths_in_one_call(dtype):
+def test_rows_of_their_own_lengths_in_one_call(dtype, D):
     # the engine's rows each keep their own cache: one call attends each over its own keys, with exactly the
-    # numbers of the documented per-row composition (head_scores, torch's float32 softmax, weighted_rows)
+    # numbers of the documented per-row composition (head_scores, torch's scores * scale and float32 softmax,
+    # weighted_rows); the call scales the scores as it writes them, and the keys past the last block of 16 after
     from qwen_ref_kernels.invariant_attention import decode_attention_rows
     from qwen_ref_kernels.invariant_linear import extension
 
     lengths = [1, 150, 37, 300, 150, 37]  # rows of the same length share the softmax calls
-    rows = [_cache_views(1, 2, S, 64, dtype, seed=S + i) for i, S in enumerate(lengths)]
+    rows = [_cache_views(1, 2, S, D, dtype, seed=S + i) for i, S in enumerate(lengths)]
     ks, vs = [k for k, _ in rows], [v for _, v in rows]  # [1, KV, S_b, D], views of a cache with room left
-    q = torch.randn(len(lengths), 14, 1, 64, generator=torch.Generator().manual_seed(9)).to(dtype)
-    together = decode_attention_rows(q, ks, vs, 0.125)
+    q = torch.randn(len(lengths), 14, 1, D, generator=torch.Generator().manual_seed(9)).to(dtype)
+    scale = D**-0.5
+    together = decode_attention_rows(q, ks, vs, scale)
     ext = extension()
     for b in range(len(lengths)):
-        scores = ext.head_scores(q[b].reshape(2, 7, 64).contiguous(), ks[b][0])  # [KV, G, S_b]
-        probs = torch.softmax(scores * 0.125, dim=-1, dtype=torch.float32).to(dtype)
-        alone = ext.weighted_rows(probs, vs[b][0]).view(14, 1, 64)
+        scores = ext.head_scores(q[b].reshape(2, 7, D).contiguous(), ks[b][0])  # [KV, G, S_b]
+        probs = torch.softmax(scores * scale, dim=-1, dtype=torch.float32).to(dtype)
+        alone = ext.weighted_rows(probs, vs[b][0]).view(14, 1, D)
         assert torch.equal(together[b], alone)
 
 
