@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from qwen_ref import known_models
+from qwen_ref.allocator import retain_freed_memory
 from qwen_ref.checkpoint.sources import resolve_source
 from qwen_ref.checkpoint.weights import check_offload, load_weights, parse_dtype
 from qwen_ref.config import QwenConfig
@@ -107,7 +108,9 @@ def load(
     offload: "none" (default) or "disk": the decoder layers stay in the safetensors files and each is read in
     just before it runs (checkpoint/offload.py; docs/scale.md): the same logits, a fraction of the memory.
     tp: tensor parallelism over N ranks (parallel/; docs/scale.md): started here, or joined under torchrun, where
-    load() returns on rank 0 only. tp_exact: the one-rank arithmetic bit for bit, at the cost of speed."""
+    load() returns on rank 0 only. tp_exact: the one-rank arithmetic bit for bit, at the cost of speed.
+    The process's glibc malloc is set to reuse the memory it frees (qwen_ref/allocator.py: no page faults for
+    each new activation; the peak heap stays with the process)."""
     path, known = resolve_source(source)
     config = QwenConfig.from_file(path / "config.json")
     torch_dtype = parse_dtype(dtype, config)
@@ -132,6 +135,7 @@ def load(
             f"tokenizer knows {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}"
         )
     generation = read_generation_config(path / "generation_config.json", config, tokenizer)
+    retain_freed_memory()
     if parallel:
         from qwen_ref.parallel.ranks import load_model  # torch.distributed loads only for tp
 

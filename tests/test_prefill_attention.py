@@ -46,6 +46,18 @@ def test_error_is_that_of_the_eager_path(H, KV, T, S, D, dtype):
     assert ours <= 1.5 * eager + 4 * unit * ref.abs().max().item(), (ours, eager)
 
 
+@pytest.mark.parametrize(("H", "KV", "T", "S", "D"), SHAPES)
+def test_bfloat16_blocks_are_attention_itself_on_each_block(H, KV, T, S, D):
+    # the documented bfloat16 arithmetic, bit for bit: block [t, t + r) of the queries is attention() over the
+    # first S - T + t + r keys (the mask is applied to the block's corner only, in place: the same scores)
+    q, k, v = _qkv(1, H, KV, T, S, D, torch.bfloat16, seed=T * S)
+    scale = D**-0.5
+    n = torch_ops.PREFILL_QUERY_BLOCK
+    want = torch.cat([attention(q[:, :, t : t + n], k[:, :, : S - T + min(T, t + n)], v[:, :, : S - T + min(T, t + n)],
+                                None, None, scale) for t in range(0, T, n)], dim=2)
+    assert torch.equal(prefill_attention(q, k, v, None, None, scale), want)
+
+
 def test_query_blocks_of_a_long_chunk(monkeypatch):
     # float32: a chunk whose masks would pass SCORE_BLOCK_BYTES goes in blocks of queries, each over the keys its
     # last query sees; the blocks together are the same attention

@@ -122,8 +122,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         return attention(q, k, v, q_pos, window, scale)
     if q.dtype == torch.bfloat16:
         # block [t, t + r) holds the last r queries of the first S - T + t + r keys
-        blocks = [attention(q[:, :, t : t + PREFILL_QUERY_BLOCK], k[:, :, : S - T + t + r], v[:, :, : S - T + t + r],
-                            None, None, scale)
+        blocks = [_last_queries(q[:, :, t : t + r], k[:, :, : S - T + t + r], v[:, :, : S - T + t + r], scale)
                   for t in range(0, T, PREFILL_QUERY_BLOCK) for r in [min(PREFILL_QUERY_BLOCK, T - t)]]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)  # [B, H, T, D]
     gqa = q.shape[1] != k.shape[1]
@@ -141,6 +140,24 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         outs.append(F.scaled_dot_product_attention(q[:, :, t : t + r], k[:, :, :keys], v[:, :, :keys],
                                                    attn_mask=mask, scale=scale, enable_gqa=gqa))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [B, H, T, D]
+
+
+def _last_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """attention(q, k, v, None, None, scale) for T queries that are the last T of the S keys, with its numbers: the
+    scale multiplies the fresh scores in place, and the causal mask fills only the T x T corner, the one place it
+    hides anything, in place (bfloat16 prefill at 512 tokens: the mask's pass over all the scores was 3% of the
+    forward)."""
+    B, H, T, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    G = H // KV
+    scores = torch.matmul(q.reshape(B, KV, G * T, D), k.transpose(-1, -2)).mul_(scale)  # [B, KV, G*T, S]
+    scores = scores.view(B, KV, G, T, S)
+    hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # query i hides key S - T + j, j > i
+    scores[..., S - T :].masked_fill_(hidden, float("-inf"))
+    # numerics: softmax in float32, probabilities cast back before P @ V (HF eager)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs.view(B, KV, G * T, S), v)  # [B, KV, G*T, D]
+    return out.view(B, H, T, D)  # [B, H, T, D]
 
 
 def _attend(q, k, v, q_pos, window, scale) -> torch.Tensor:
