@@ -335,6 +335,8 @@ inline void store16(bf16* p, vf v) {  // rounded as static_cast<bf16> rounds: th
 
 // Scores times the attention's scale, as torch's `scores * scale` computes them on the stored scores: each rounded
 // to T first, then multiplied in float32 by the scale as a float32, then rounded to T again (float32: one product).
+// The same bits except a NaN's payload (bfloat16 NaNs are stored as 0x7FC0 here; the softmax makes the row NaN and
+// the cast of the probabilities gives the same bits either way).
 // Scaling as the scores are written saves the softmax's input its own pass (the attention 1.01x faster).
 template <typename T>
 inline vf scaled(vf sums, float scale) {

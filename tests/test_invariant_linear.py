@@ -111,8 +111,9 @@ def _documented_order(x: np.ndarray, w: np.ndarray) -> np.float32:
     return np.float32(float(_fold_and_tail(lanes, xs, ws, body)))
 
 
-# 3 rows of x: K = 1100 takes the steps in chunks of 512. N = 12: the first block of 8 weight rows prefetches the
-# next and interleaves its rows' steps; a block with nothing to prefetch runs each weight row through on its own
+# 3 rows of x: K = 1100 takes the steps in chunks of 512. N = 12: where K >= 16, the first block of 8 weight rows
+# prefetches the next and interleaves its rows' steps; a block with nothing to prefetch runs each weight row through
+# on its own (K = 7 has no whole steps, only the tail)
 @pytest.mark.parametrize("K", [7, 16, 37, 53, 1100])
 @pytest.mark.parametrize("N", [1, 4, 7, 12])
 def test_the_documented_summation_order_bit_for_bit(K, N):

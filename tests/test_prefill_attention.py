@@ -46,10 +46,21 @@ def test_error_is_that_of_the_eager_path(H, KV, T, S, D, dtype):
     assert ours <= 1.5 * eager + 4 * unit * ref.abs().max().item(), (ours, eager)
 
 
+@pytest.mark.parametrize("cap", [None, 14 * 300 * 4 * 5])  # 5 queries' float32 scores: attention() splits blocks
 @pytest.mark.parametrize(("H", "KV", "T", "S", "D"), SHAPES)
-def test_bfloat16_blocks_are_attention_itself_on_each_block(H, KV, T, S, D):
+def test_bfloat16_blocks_are_attention_itself_on_each_block(H, KV, T, S, D, cap, monkeypatch):
     # the documented bfloat16 arithmetic, bit for bit: block [t, t + r) of the queries is attention() over the
-    # first S - T + t + r keys (the mask is applied to the block's corner only, in place: the same scores)
+    # first S - T + t + r keys (the mask is applied to the block's corner only, in place: the same scores), and
+    # a block whose scores would pass SCORE_BLOCK_BYTES is attention()'s own split, so the cap still holds
+    if cap is not None:
+        monkeypatch.setattr(torch_ops, "SCORE_BLOCK_BYTES", cap)
+        whole = torch_ops._last_queries
+
+        def capped(q, k, v, scale):  # every block taken in one piece keeps its float32 scores under the cap
+            assert q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * 4 <= cap
+            return whole(q, k, v, scale)
+
+        monkeypatch.setattr(torch_ops, "_last_queries", capped)
     q, k, v = _qkv(1, H, KV, T, S, D, torch.bfloat16, seed=T * S)
     scale = D**-0.5
     n = torch_ops.PREFILL_QUERY_BLOCK

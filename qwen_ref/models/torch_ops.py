@@ -122,7 +122,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         return attention(q, k, v, q_pos, window, scale)
     if q.dtype == torch.bfloat16:
         # block [t, t + r) holds the last r queries of the first S - T + t + r keys
-        blocks = [_last_queries(q[:, :, t : t + r], k[:, :, : S - T + t + r], v[:, :, : S - T + t + r], scale)
+        blocks = [_query_block(q[:, :, t : t + r], k[:, :, : S - T + t + r], v[:, :, : S - T + t + r], scale)
                   for t in range(0, T, PREFILL_QUERY_BLOCK) for r in [min(PREFILL_QUERY_BLOCK, T - t)]]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)  # [B, H, T, D]
     gqa = q.shape[1] != k.shape[1]
@@ -140,6 +140,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         outs.append(F.scaled_dot_product_attention(q[:, :, t : t + r], k[:, :, :keys], v[:, :, :keys],
                                                    attn_mask=mask, scale=scale, enable_gqa=gqa))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [B, H, T, D]
+
+
+def _query_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """attention(q, k, v, None, None, scale) for T queries that are the last T of the S keys: _last_queries where
+    attention() would take the T queries in one piece (their float32 scores within SCORE_BLOCK_BYTES), else
+    attention() itself, which splits them."""
+    B, H, T, _ = q.shape
+    if SCORE_BLOCK_BYTES // (B * H * k.shape[2] * 4) >= T:
+        return _last_queries(q, k, v, scale)
+    return attention(q, k, v, None, None, scale)
 
 
 def _last_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
