@@ -60,6 +60,13 @@ inline vf dot_pairs(vu x, vu w, vf acc) {
 inline float widen(float v) { return v; }
 inline float widen(bf16 v) { return static_cast<float>(v); }
 
+// One step of a sum, by input type: load_step reads its inputs (16 float32, or 32 bfloat16 as 16 pairs) and step
+// adds their products into the 16 lanes (fmadd, or dot_pairs), x first, w second
+inline vf load_step(const float* p) { return load(p); }
+inline vu load_step(const bf16* p) { return load_pairs(p); }
+inline vf step(vf x, vf w, vf acc) { return fmadd(x, w, acc); }
+inline vf step(vu x, vu w, vf acc) { return dot_pairs(x, w, acc); }
+
 // The lanes of 16 accumulators folded in halves, a fixed order for each: lane j += lane j + 8, then + 4, + 2, + 1;
 // lane o of the result is accumulator o's sum. Two accumulators share each vector add (15 adds for 16 sums).
 inline vf fold16(const vf* a) {
@@ -119,13 +126,8 @@ inline int64_t few_rows_steps(const T* x, const T* w, int64_t K, int64_t k0, int
     for (int m = 0; m < MB; ++m) a[m] = acc[m][n];
     for (int64_t k = k0; k < end; k += S) {
       __builtin_prefetch(reinterpret_cast<const char*>(wn + k) + ROW_PREFETCH_BYTES);  // never faults
-      if constexpr (std::is_same_v<T, float>) {
-        vf wv = load(wn + k);
-        for (int m = 0; m < MB; ++m) a[m] = fmadd(load(x + m * K + k), wv, a[m]);
-      } else {
-        vu wv = load_pairs(wn + k);
-        for (int m = 0; m < MB; ++m) a[m] = dot_pairs(load_pairs(x + m * K + k), wv, a[m]);
-      }
+      const auto wv = load_step(wn + k);
+      for (int m = 0; m < MB; ++m) a[m] = step(load_step(x + m * K + k), wv, a[m]);
     }
     for (int m = 0; m < MB; ++m) acc[m][n] = a[m];
   }
@@ -151,26 +153,14 @@ inline void tile(const T* x, const T* w, int64_t K, int64_t k0, int64_t k1, vf* 
   }
   for (; k + S <= k1; k += S) {
     for (int64_t i = 0; i < per_step && line < lines; ++i, ++line) __builtin_prefetch(ahead.at + 64 * line);
-    if constexpr (std::is_same_v<T, float>) {
-      vf wv[NB];
-      for (int n = 0; n < NB; ++n) {
-        wv[n] = load(w + n * K + k);
-        if constexpr (MB > 1) in_register(wv[n]);
-      }
-      for (int m = 0; m < MB; ++m) {
-        vf xv = load(x + m * K + k);
-        for (int n = 0; n < NB; ++n) acc[m][n] = fmadd(xv, wv[n], acc[m][n]);
-      }
-    } else {
-      vu wv[NB];
-      for (int n = 0; n < NB; ++n) {
-        wv[n] = load_pairs(w + n * K + k);
-        if constexpr (MB > 1) in_register(wv[n]);
-      }
-      for (int m = 0; m < MB; ++m) {
-        vu xv = load_pairs(x + m * K + k);
-        for (int n = 0; n < NB; ++n) acc[m][n] = dot_pairs(xv, wv[n], acc[m][n]);
-      }
+    decltype(load_step(w)) wv[NB];
+    for (int n = 0; n < NB; ++n) {
+      wv[n] = load_step(w + n * K + k);
+      if constexpr (MB > 1) in_register(wv[n]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const auto xv = load_step(x + m * K + k);
+      for (int n = 0; n < NB; ++n) acc[m][n] = step(xv, wv[n], acc[m][n]);
     }
   }
   if (k1 < K) {
@@ -342,8 +332,6 @@ template <typename T>
 inline vf scaled(vf sums, float scale) {
   return as_dtype<T>(sums) * scale;
 }
-inline float scaled_one(float v, float scale) { return v * scale; }
-inline float scaled_one(bf16 v, float scale) { return static_cast<float>(v) * scale; }
 
 // The scores of one query row q [D] against 16 keys k [16, D] (rows D apart): each pair runs the linear's
 // per-lane sequence (tile() with x = q and w = the keys) and the 16 sums are folded at once, so the 16 scores are
@@ -359,13 +347,8 @@ __attribute__((noinline)) void scores16(const T* q, const T* k, int64_t Drun, T*
   vf acc[16];
   for (int n = 0; n < 16; ++n) acc[n] = vf{};
   for (int64_t d = 0; d < D; d += S) {
-    if constexpr (std::is_same_v<T, float>) {
-      const vf qv = load(q + d);
-      for (int n = 0; n < 16; ++n) acc[n] = fmadd(qv, load(k + n * D + d), acc[n]);
-    } else {
-      const vu qv = load_pairs(q + d);
-      for (int n = 0; n < 16; ++n) acc[n] = dot_pairs(qv, load_pairs(k + n * D + d), acc[n]);
-    }
+    const auto qv = load_step(q + d);
+    for (int n = 0; n < 16; ++n) acc[n] = step(qv, load_step(k + n * D + d), acc[n]);
   }
   const vf sums = fold16(acc);
   store16(out, scale ? scaled<T>(sums, *scale) : sums);
@@ -435,7 +418,7 @@ void head_scores_into(const std::vector<HeadRow<T>>& rows, int64_t KV, int64_t G
         for (int64_t i = 0; i < KV * G; ++i)
           for (int64_t s = whole * 16; s < S; ++s) {
             T& v = r.scores[i * S + s];
-            v = static_cast<T>(scaled_one(v, *scale));
+            v = static_cast<T>(widen(v) * *scale);
           }
   }
 }
