@@ -50,23 +50,32 @@ def test_error_is_that_of_the_eager_path(H, KV, T, S, D, dtype):
 @pytest.mark.parametrize(("H", "KV", "T", "S", "D"), SHAPES)
 def test_bfloat16_blocks_are_attention_itself_on_each_block(H, KV, T, S, D, cap, monkeypatch):
     # the documented bfloat16 arithmetic, bit for bit: block [t, t + r) of the queries is attention() over the
-    # first S - T + t + r keys (the mask is applied to the block's corner only, in place: the same scores), and
-    # a block whose scores would pass SCORE_BLOCK_BYTES is attention()'s own split, so the cap still holds
+    # first S - T + t + r keys, and a block whose scores would pass SCORE_BLOCK_BYTES is split, so the cap holds
     if cap is not None:
         monkeypatch.setattr(torch_ops, "SCORE_BLOCK_BYTES", cap)
-        whole = torch_ops._last_queries
+        whole = torch_ops._attend
 
-        def capped(q, k, v, scale):  # every block taken in one piece keeps its float32 scores under the cap
+        def capped(q, k, v, q_pos, window, scale):  # every piece attended at once keeps its scores under the cap
             assert q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * 4 <= cap
-            return whole(q, k, v, scale)
+            return whole(q, k, v, q_pos, window, scale)
 
-        monkeypatch.setattr(torch_ops, "_last_queries", capped)
+        monkeypatch.setattr(torch_ops, "_attend", capped)
     q, k, v = _qkv(1, H, KV, T, S, D, torch.bfloat16, seed=T * S)
     scale = D**-0.5
     n = torch_ops.PREFILL_QUERY_BLOCK
     want = torch.cat([attention(q[:, :, t : t + n], k[:, :, : S - T + min(T, t + n)], v[:, :, : S - T + min(T, t + n)],
                                 None, None, scale) for t in range(0, T, n)], dim=2)
     assert torch.equal(prefill_attention(q, k, v, None, None, scale), want)
+
+
+@pytest.mark.parametrize(("H", "KV", "T", "S", "D"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_corner_mask_gives_the_whole_masks_bits(H, KV, T, S, D, dtype):
+    # attention() without positions masks only the T x T corner, in place; with the positions spelled out it
+    # builds and applies the whole causal mask: the same scores, so the same bits
+    q, k, v = _qkv(2, H, KV, T, S, D, dtype, seed=T + 3 * S)
+    q_pos = (S - T + torch.arange(T)).expand(2, T)
+    assert torch.equal(attention(q, k, v, None, None, D**-0.5), attention(q, k, v, q_pos, None, D**-0.5))
 
 
 def test_query_blocks_of_a_long_chunk(monkeypatch):

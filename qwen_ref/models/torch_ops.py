@@ -92,9 +92,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     """
     B, H, T, _ = q.shape
     S = k.shape[2]
-    if q_pos is None and (T > 1 or window is not None):
-        q_pos = (S - T + torch.arange(T, device=q.device)).expand(B, T)
     rows = max(1, SCORE_BLOCK_BYTES // (B * H * S * 4))
+    if q_pos is None and window is None and rows >= T:
+        return _attend(q, k, v, None, None, scale)  # the last T of the S keys: _attend masks only the T x T corner
+    if q_pos is None:
+        q_pos = (S - T + torch.arange(T, device=q.device)).expand(B, T)
     if rows >= T:
         return _attend(q, k, v, q_pos, window, scale)
     blocks = [_attend(q[:, :, t : t + rows], k, v, q_pos[:, t : t + rows], window, scale) for t in range(0, T, rows)]
@@ -122,7 +124,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         return attention(q, k, v, q_pos, window, scale)
     if q.dtype == torch.bfloat16:
         # block [t, t + r) holds the last r queries of the first S - T + t + r keys
-        blocks = [_query_block(q[:, :, t : t + r], k[:, :, : S - T + t + r], v[:, :, : S - T + t + r], scale)
+        blocks = [attention(q[:, :, t : t + r], k[:, :, : S - T + t + r], v[:, :, : S - T + t + r], None, None, scale)
                   for t in range(0, T, PREFILL_QUERY_BLOCK) for r in [min(PREFILL_QUERY_BLOCK, T - t)]]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)  # [B, H, T, D]
     gqa = q.shape[1] != k.shape[1]
@@ -142,34 +144,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [B, H, T, D]
 
 
-def _query_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """attention(q, k, v, None, None, scale) for T queries that are the last T of the S keys: _last_queries where
-    attention() would take the T queries in one piece (their float32 scores within SCORE_BLOCK_BYTES), else
-    attention() itself, which splits them."""
-    B, H, T, _ = q.shape
-    if SCORE_BLOCK_BYTES // (B * H * k.shape[2] * 4) >= T:
-        return _last_queries(q, k, v, scale)
-    return attention(q, k, v, None, None, scale)
-
-
-def _last_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """attention(q, k, v, None, None, scale) for T queries that are the last T of the S keys, with its numbers: the
-    scale multiplies the fresh scores in place, and the causal mask fills only the T x T corner, the one place it
-    hides anything, in place (bfloat16 prefill at 512 tokens: the mask's pass over all the scores was 3% of the
-    forward)."""
-    B, H, T, D = q.shape
-    KV, S = k.shape[1], k.shape[2]
-    G = H // KV
-    scores = torch.matmul(q.reshape(B, KV, G * T, D), k.transpose(-1, -2)).mul_(scale)  # [B, KV, G*T, S]
-    scores = scores.view(B, KV, G, T, S)
-    hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # query i hides key S - T + j, j > i
-    scores[..., S - T :].masked_fill_(hidden, float("-inf"))
-    # numerics: softmax in float32, probabilities cast back before P @ V (HF eager)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs.view(B, KV, G * T, S), v)  # [B, KV, G*T, D]
-    return out.view(B, H, T, D)  # [B, H, T, D]
-
-
 def _attend(q, k, v, q_pos, window, scale) -> torch.Tensor:
     B, H, T, D = q.shape
     KV, S = k.shape[1], k.shape[2]
@@ -177,11 +151,17 @@ def _attend(q, k, v, q_pos, window, scale) -> torch.Tensor:
     # so one plain batched matmul per KV head serves them, with no repeated keys.
     G = H // KV
     q = q.reshape(B, KV, G * T, D)  # [B, KV, G*T, D] (H = KV*G)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, KV, G*T, S]
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [B, KV, G*T, S]: the fresh product, in place
     scores = scores.view(B, KV, G, T, S)
     if q_pos is not None:
         mask = attention_mask(q_pos, S, window)  # [B, 1, T, S] -> [B, 1, 1, T, S]
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    elif T > 1:
+        # the queries are the last T of the S keys (no window): the causal mask hides only the T x T corner, filled
+        # in place; the same scores as the whole mask (bfloat16 prefill at 512 tokens: that pass was 3% of it)
+        assert window is None
+        hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # query i hides key S - T + j, j > i
+        scores[..., S - T :].masked_fill_(hidden, float("-inf"))
     # numerics: softmax in float32 (float64 in float64 mode), probabilities cast back before P @ V (HF eager)
     softmax_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     probs = F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
