@@ -45,7 +45,7 @@ def step(fn, weights, inputs) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 32])
-    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))

@@ -11,7 +11,7 @@ threads and the same number of cached tokens:
 - llama.cpp: a prompt of --context tokens, then one-token decode calls (Llama.eval: llama_decode and the copy of
   the logits), each timed;
 - qwen_ref: load() at the same precision with each --decode-linear ("torch", the default, bit-equal to
-  transformers; "invariant", the batch-invariant CPU kernel, float32 and bfloat16 only), then decode steps through a
+  transformers; "invariant", the batch-invariant CPU kernel), then decode steps through a
   KV cache (bench_generate.DecodeSteps: one forward of one token, with logits).
 All sides are loaded at once and timed in --rounds rounds; in each round each side reads the 1 GiB bandwidth probe
 and then times --steps decode steps (limits.interleaved), so that both meet the same neighbours' load. One JSON
@@ -113,8 +113,6 @@ def main() -> None:
             cases, sizes = {"llamacpp": LlamaSteps(path, args.context, args.steps, args.rounds, args.threads)}, {}
             sizes["llamacpp"] = path.stat().st_size  # its tensors, plus a few MB of header and vocabulary
             for decode_linear in args.decode_linear:
-                if decode_linear == "invariant" and precision == "f16":
-                    continue  # the invariant kernel takes float32 and bfloat16
                 model = load(hf, dtype=DTYPES[precision], decode_linear=decode_linear).model
                 cases[decode_linear] = DecodeSteps(model, 1, mid, args.steps)
                 sizes[decode_linear] = weight_bytes_per_token(model)

@@ -63,7 +63,7 @@ def products(model, tokens: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", nargs="+", default=list(PRESETS), choices=PRESETS)
-    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--chunk", type=int, default=0)
     ap.add_argument("--decode-linear", default="auto", choices=["auto", "torch", "invariant"])

@@ -63,7 +63,7 @@ def add_load_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> No
     p.add_argument("--tp-exact", action="store_true",
                    help="with --tp: the one-rank arithmetic bit for bit (each layer's weights gathered whole; slower)")
     p.add_argument("--decode-linear", choices=list(DECODE_LINEARS), default="auto",
-                   help="auto (default): invariant on the CPU in float32/bfloat16 where it builds, else torch; "
+                   help="auto (default): invariant on the CPU in float32/bfloat16/float16 where it builds, else torch; "
                         "torch: BLAS, decode logits bit-equal to transformers; invariant: the batch-invariant CPU "
                         "kernel (memory speed; n samples share a forward; see docs/performance.md)")
 

@@ -101,7 +101,7 @@ def load(
     """lora: an adapter directory (or a name in lora_dir) merged into the weights; lora_dir: a directory of
     named adapters that a request's `lora` field selects, applied unmerged to that request's rows (with lora_dir,
     `lora` is the adapter of requests that name none, also applied per row, never merged; see docs/lora.md).
-    decode_linear: "auto" (default: "invariant" on the CPU in float32 and bfloat16 where a C++ compiler builds
+    decode_linear: "auto" (default: "invariant" on the CPU in float32, bfloat16 and float16 where a C++ compiler builds
     the kernel, else "torch"), "torch" (BLAS; decode logits bit-equal to transformers) or "invariant" (the
     batch-invariant CPU kernel: decode at memory speed, n samples in one forward each bit-equal to its single
     run; logits within float32 rounding of transformers; see docs/performance.md).

@@ -21,7 +21,7 @@ from qwen_ref_kernels.invariant_linear import extension
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, H, 1, D]; k and v [B, KV, S, D] with contiguous rows (a KV cache's view), float32 or bfloat16
+    """q [B, H, 1, D]; k and v [B, KV, S, D] with contiguous rows (a KV cache's view), float32, bfloat16 or float16
     -> [B, H, 1, D]. Every row attends over all S keys (no mask, no window)."""
     return decode_attention_rows(q, [k], [v], scale)
 

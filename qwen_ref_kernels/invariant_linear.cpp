@@ -1,6 +1,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,6 +20,7 @@ typedef uint32_t vu __attribute__((vector_size(L * sizeof(uint32_t))));
 typedef int32_t vi __attribute__((vector_size(L * sizeof(int32_t))));
 typedef uint16_t vh __attribute__((vector_size(L * sizeof(uint16_t))));
 using bf16 = c10::BFloat16;
+using f16 = c10::Half;
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline vu load_pairs(const bf16* p) { vu v; std::memcpy(&v, p, sizeof v); return v; }  // 32 bfloat16, 16 pairs
@@ -59,10 +61,30 @@ inline vf dot_pairs(vu x, vu w, vf acc) {
 
 inline float widen(float v) { return v; }
 inline float widen(bf16 v) { return static_cast<float>(v); }
+inline float widen(f16 v) { return static_cast<float>(v); }
 
-// One step of a sum, by input type: load_step reads its inputs (16 float32, or 32 bfloat16 as 16 pairs) and step
-// adds their products into the 16 lanes (fmadd, or dot_pairs), x first, w second
+// 16 float16 (their bits) widened to float32, exactly: every float16, subnormals too, is a normal float32 or zero
+inline vf widen_halves(vh h) {
+#if defined(__AVX512F__)
+  __m256i bits;
+  std::memcpy(&bits, &h, sizeof h);
+  return (vf)_mm512_cvtph_ps(bits);
+#else
+  vf v;
+  for (int j = 0; j < L; ++j) v[j] = static_cast<float>(f16(h[j], f16::from_bits()));
+  return v;
+#endif
+}
+inline vf load_halves(const f16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return widen_halves(h);
+}
+
+// One step of a sum, by input type: load_step reads its inputs (16 float32, 16 float16 widened to float32, or 32
+// bfloat16 as 16 pairs) and step adds their products into the 16 lanes (fmadd, or dot_pairs), x first, w second
 inline vf load_step(const float* p) { return load(p); }
+inline vf load_step(const f16* p) { return load_halves(p); }
 inline vu load_step(const bf16* p) { return load_pairs(p); }
 inline vf step(vf x, vf w, vf acc) { return fmadd(x, w, acc); }
 inline vf step(vu x, vu w, vf acc) { return dot_pairs(x, w, acc); }
@@ -84,15 +106,16 @@ inline vf fold16(const vf* a) {
          __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// Inputs one step of the sum consumes: 16 float32, or 32 bfloat16 (16 pairs)
+// Inputs one step of the sum consumes: 16 float32 or float16, or 32 bfloat16 (16 pairs)
 template <typename T>
-constexpr int STEP = std::is_same_v<T, float> ? L : 2 * L;
+constexpr int STEP = std::is_same_v<T, bf16> ? 2 * L : L;
 
 // v pinned in a register: without it GCC folds the weight loads into the multiply-adds as memory operands, loading
-// each weight vector once per row of x instead of once per step (a 4 x 4 tile read 20 vectors a step, not 8)
+// each weight vector once per row of x instead of once per step (a 4 x 4 tile read 20 vectors a step, not 8). Only
+// with AVX-512, whose registers hold 16 floats (without it no register fits v, and the constraint cannot be met).
 template <typename V>
 inline void in_register(V& v) {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__AVX512F__)
   __asm__("" : "+v"(v));
 #endif
 }
@@ -138,7 +161,7 @@ inline int64_t few_rows_steps(const T* x, const T* w, int64_t K, int64_t k0, int
 // per-lane sequence whatever MB and NB are and however the steps are split into calls. k0 > 0: the lanes start
 // from `partial`, where the call before left them; k1 < K: they are left there (a float32 store and load change
 // no bits). k1 == K: the lanes are folded, the K % STEP last products and the bias added, and each sum written to
-// y as O (a bfloat16 output is the float32 result rounded once, to nearest even).
+// y as O (a bfloat16 or float16 output is the float32 result rounded once, to nearest even).
 template <int MB, int NB, typename T, typename O>
 inline void tile(const T* x, const T* w, int64_t K, int64_t k0, int64_t k1, vf* partial, const float* bias, O* y,
                  int64_t ldy, Ahead ahead) {
@@ -261,15 +284,27 @@ void run(const std::vector<Part<T, O>>& parts, int64_t blocks, int64_t M, int64_
   });
 }
 
-// float32 copy of a contiguous float32 or bfloat16 tensor (exact)
+// f(T{}) with T the C++ type of t's dtype: float32, bfloat16 or float16 (the checks before each call refuse others)
+template <typename F>
+auto by_dtype(const torch::Tensor& t, F&& f) {
+  switch (t.scalar_type()) {
+    case torch::kBFloat16: return f(bf16{});
+    case torch::kHalf: return f(f16{});
+    default: return f(float{});
+  }
+}
+
+inline bool kernel_dtype(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kHalf;
+}
+
+// float32 copy of a contiguous float32, bfloat16 or float16 tensor (exact)
 std::vector<float> widened(const torch::Tensor& t) {
   std::vector<float> out(t.numel());
-  if (t.scalar_type() == torch::kBFloat16) {
-    const bf16* p = t.data_ptr<bf16>();
-    for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<float>(p[i]);
-  } else {
-    std::memcpy(out.data(), t.data_ptr<float>(), t.numel() * sizeof(float));
-  }
+  by_dtype(t, [&](auto tag) {
+    const auto* p = t.data_ptr<decltype(tag)>();
+    for (int64_t i = 0; i < t.numel(); ++i) out[i] = widen(p[i]);
+  });
   return out;
 }
 
@@ -303,12 +338,29 @@ std::vector<torch::Tensor> run_parts(const torch::Tensor& x, const std::vector<t
   return ys;
 }
 
+// 16 float32 rounded to float16 as static_cast<f16> rounds them (to nearest even, beyond the range to infinity; with
+// F16C, which -march=native enables where the CPU has it, c10::Half converts with the same instruction, NaNs too)
+inline vh to_halves(vf v) {
+#if defined(__AVX512F__)
+  vh h;
+  const __m256i r = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  std::memcpy(&h, &r, sizeof h);
+  return h;
+#else
+  vh h;
+  for (int j = 0; j < L; ++j) h[j] = static_cast<f16>(v[j]).x;
+  return h;
+#endif
+}
+
 // v rounded to T and widened back to float32, lane by lane (float32: v itself). bfloat16: to nearest even, NaN to
-// 0x7FC0, as c10::BFloat16's conversion
+// 0x7FC0, as c10::BFloat16's conversion; float16: as to_halves
 template <typename T>
 inline vf as_dtype(vf v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
+  } else if constexpr (std::is_same_v<T, f16>) {
+    return widen_halves(to_halves(v));
   } else {
     const vu u = as_bits(v);
     const vu rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u;
@@ -320,6 +372,10 @@ inline vf as_dtype(vf v) {
 inline void store16(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline void store16(bf16* p, vf v) {  // rounded as static_cast<bf16> rounds: the high halves of as_dtype's bits
   const vh h = __builtin_convertvector(as_bits(as_dtype<bf16>(v)) >> 16, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+inline void store16(f16* p, vf v) {
+  const vh h = to_halves(v);
   std::memcpy(p, &h, sizeof h);
 }
 
@@ -433,6 +489,7 @@ torch::Tensor run_head_scores(const torch::Tensor& q, const torch::Tensor& k) {
 }
 
 inline vf load16(const float* p) { return load(p); }
+inline vf load16(const f16* p) { return load_halves(p); }
 inline vf load16(const bf16* p) {  // 16 bfloat16 widened exactly: the stored bits become the high half
   vh h;
   std::memcpy(&h, p, sizeof h);
@@ -524,34 +581,32 @@ torch::Tensor run_weighted_rows(const torch::Tensor& p, const torch::Tensor& v) 
 }
 }  // namespace
 
-// x [M, K]; ws[i] [N_i, K]; bs[i] [N_i] or empty. Contiguous, all float32 or all bfloat16. Returns y_i [M, N_i]
+// x [M, K]; ws[i] [N_i, K]; bs[i] [N_i] or empty. Contiguous, all of one dtype (float32, bfloat16, float16). Returns y_i [M, N_i]
 // in that dtype, each exactly what a call with that weight alone returns (one thread pool for all of them).
 std::vector<torch::Tensor> linears(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> bs) {
-  if (x.scalar_type() == torch::kBFloat16) return run_parts<bf16>(x, ws, bs);
-  return run_parts<float>(x, ws, bs);
+  return by_dtype(x, [&](auto tag) { return run_parts<decltype(tag)>(x, ws, bs); });
 }
 
 void check_heads(const torch::Tensor& a, const torch::Tensor& kv, const char* what) {
   TORCH_CHECK(a.dim() == 3 && kv.dim() == 3 && a.size(0) == kv.size(0) && a.is_contiguous() &&
                   kv.stride(2) == 1 && kv.stride(1) == kv.size(2) && a.scalar_type() == kv.scalar_type() &&
-                  (a.scalar_type() == torch::kFloat || a.scalar_type() == torch::kBFloat16),
-              what, ": want [KV, G, .] contiguous and [KV, S, D] with contiguous rows, one dtype (float32/bfloat16)");
+                  kernel_dtype(a),
+              what, ": want [KV, G, .] contiguous and [KV, S, D] with contiguous rows, one dtype "
+              "(float32/bfloat16/float16)");
 }
 
 // q [KV, G, D], k [KV, S, D] (rows contiguous) -> scores [KV, G, S] in q's dtype
 torch::Tensor head_scores(torch::Tensor q, torch::Tensor k) {
   check_heads(q, k, "head_scores");
   TORCH_CHECK(q.size(2) == k.size(2), "head_scores: q and k head sizes differ");
-  if (q.scalar_type() == torch::kBFloat16) return run_head_scores<bf16>(q, k);
-  return run_head_scores<float>(q, k);
+  return by_dtype(q, [&](auto tag) { return run_head_scores<decltype(tag)>(q, k); });
 }
 
 // p [KV, G, S], v [KV, S, D] (rows contiguous) -> [KV, G, D] in p's dtype
 torch::Tensor weighted_rows(torch::Tensor p, torch::Tensor v) {
   check_heads(p, v, "weighted_rows");
   TORCH_CHECK(p.size(2) == v.size(1), "weighted_rows: p's keys and v's rows differ");
-  if (p.scalar_type() == torch::kBFloat16) return run_weighted_rows<bf16>(p, v);
-  return run_weighted_rows<float>(p, v);
+  return by_dtype(p, [&](auto tag) { return run_weighted_rows<decltype(tag)>(p, v); });
 }
 
 // One decode attention of B rows, each over its own keys: ks[i] and vs[i] [n_i, KV, S_i, D] hold the keys and values
@@ -602,13 +657,11 @@ void attend_groups(const torch::Tensor& q, const std::vector<torch::Tensor>& ks,
 
 torch::Tensor attend_rows(torch::Tensor q, std::vector<torch::Tensor> ks, std::vector<torch::Tensor> vs, double scale) {
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && vs.size() == ks.size() &&
-                  (q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kBFloat16),
-              "attend_rows: want q [B, KV, G, D] contiguous (float32/bfloat16) and as many value groups as key groups");
+                  kernel_dtype(q),
+              "attend_rows: want q [B, KV, G, D] contiguous (float32/bfloat16/float16) and as many value groups as "
+              "key groups");
   torch::Tensor out = torch::empty_like(q);
-  if (q.scalar_type() == torch::kBFloat16)
-    attend_groups<bf16>(q, ks, vs, scale, out);
-  else
-    attend_groups<float>(q, ks, vs, scale, out);
+  by_dtype(q, [&](auto tag) { attend_groups<decltype(tag)>(q, ks, vs, scale, out); });
   return out;
 }
 
@@ -675,15 +728,13 @@ void rms_rows(const T* x, const T* w, int64_t M, int64_t K, float eps, T* y) {
 torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor w, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.dim() == 1 && w.is_contiguous() && w.size(0) == x.size(1) &&
                   x.scalar_type() == w.scalar_type() &&
-                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
-              "rms_norm_rows: want x [M, K] and w [K], contiguous, one dtype (float32/bfloat16)");
+                  kernel_dtype(x),
+              "rms_norm_rows: want x [M, K] and w [K], contiguous, one dtype (float32/bfloat16/float16)");
   torch::Tensor y = torch::empty_like(x);
-  if (x.scalar_type() == torch::kBFloat16)
-    rms_rows<bf16>(x.data_ptr<bf16>(), w.data_ptr<bf16>(), x.size(0), x.size(1), static_cast<float>(eps),
-                   y.data_ptr<bf16>());
-  else
-    rms_rows<float>(x.data_ptr<float>(), w.data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(eps),
-                    y.data_ptr<float>());
+  by_dtype(x, [&](auto tag) {
+    using T = decltype(tag);
+    rms_rows<T>(x.data_ptr<T>(), w.data_ptr<T>(), x.size(0), x.size(1), static_cast<float>(eps), y.data_ptr<T>());
+  });
   return y;
 }
 
@@ -728,10 +779,11 @@ std::vector<torch::Tensor> rope_qk(torch::Tensor q, torch::Tensor k, torch::Tens
                 "rope_qk: want q and k [B, H, 1, D] with contiguous head rows, in cos's dtype");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.numel() ==
                   cos.size(0) * cos.size(3) && cos.size(3) % 2 == 0 && sin.scalar_type() == cos.scalar_type() &&
-                  (cos.scalar_type() == torch::kFloat || cos.scalar_type() == torch::kBFloat16),
-              "rope_qk: want cos and sin [B, 1, 1, D] contiguous, float32 or bfloat16");
-  if (cos.scalar_type() == torch::kBFloat16) return {rope_one<bf16>(q, cos, sin), rope_one<bf16>(k, cos, sin)};
-  return {rope_one<float>(q, cos, sin), rope_one<float>(k, cos, sin)};
+                  kernel_dtype(cos),
+              "rope_qk: want cos and sin [B, 1, 1, D] contiguous, float32, bfloat16 or float16");
+  return by_dtype(cos, [&](auto tag) {
+    return std::vector<torch::Tensor>{rope_one<decltype(tag)>(q, cos, sin), rope_one<decltype(tag)>(k, cos, sin)};
+  });
 }
 
 // torch_ops.silu_mul_rowwise in one call: silu(gate[b]) by torch's own silu, one call per row b of gate [B, T, N] (as

@@ -15,9 +15,10 @@ Order of the sum for y[m, n], all in float32 (x and the weight share one dtype):
     avx512_bf16 instruction VDPBF16PS computes (its products are exact in float32; it runs with denormals-are-zero
     and flush-to-zero); on a CPU without it the kernel performs the same steps one by one, and the tests check
     the two bit for bit. A bfloat16 subnormal is below 1.2e-38.
-  Then, both: the 16 lanes are folded in halves (lane j += lane j + 8, then j + 4, j + 2, j + 1); the tail (the
+  float16: every input widens exactly to float32 (a float16 subnormal is a normal float32), then float32's order.
+  Then, all: the 16 lanes are folded in halves (lane j += lane j + 8, then j + 4, j + 2, j + 1); the tail (the
     last K % 16, or K % 32, inputs) is added in order, again by fmaf; then the bias is added. The float32 result
-    is rounded once to the output dtype (bfloat16: to nearest even).
+    is rounded once to the output dtype (bfloat16 and float16: to nearest even; float16 overflows to infinity).
 Every step is a correctly rounded IEEE operation, so the result is the same on any CPU (a CPU without FMA
 instructions computes fmaf in software, slowly). It is not bit-equal to BLAS, which sums in another order:
 against a float64 reference its error is that of a float32 dot product (tests/test_invariant_linear.py).
@@ -46,7 +47,7 @@ _lock = threading.Lock()
 _module = None
 _failure: str | None = None  # why the build failed, once it has
 
-SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class InvariantLinearUnavailable(RuntimeError):
@@ -109,7 +110,8 @@ def invariant_linears(x: torch.Tensor, weights: list[torch.Tensor],
 
 def check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if weight.dtype not in SUPPORTED_WEIGHT_DTYPES:
-        raise ValueError(f"invariant_linear: weight dtype {weight.dtype} is not supported; allowed: float32, bfloat16")
+        raise ValueError(f"invariant_linear: weight dtype {weight.dtype} is not supported; allowed: float32, "
+                         "bfloat16, float16")
     if x.dtype != weight.dtype:
         raise ValueError(f"invariant_linear: x dtype {x.dtype} differs from weight dtype {weight.dtype}")
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:

@@ -3,7 +3,8 @@
 Tolerances: the error against float64 may be at most 2x the BLAS path's (torch_ops.attention), plus sqrt(S) units
 of rounding at the output scale. The values are summed over the S keys one after another, whose rounding errors
 grow with the number of terms (like sqrt(S) for random data; measured at S = 2049 in float32: 2.4e-7 against
-BLAS's 7.9e-8 at outputs of 0.16), where BLAS sums in blocks. In bfloat16 the output rounding dominates both."""
+BLAS's 7.9e-8 at outputs of 0.16), where BLAS sums in blocks. In bfloat16 and float16 the output rounding dominates
+both."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ SHAPES = [(14, 2, 64, 150), (16, 16, 64, 77), (40, 8, 128, 300), (7, 7, 80, 33),
 
 
 @pytest.mark.parametrize(("H", "KV", "D", "S"), SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_error_is_that_of_the_blas_path(H, KV, D, S, dtype):
     k, v = _cache_views(3, KV, S, D, dtype, seed=S)
     q = torch.randn(3, H, 1, D, generator=torch.Generator().manual_seed(H)).to(dtype)
@@ -33,11 +34,11 @@ def test_error_is_that_of_the_blas_path(H, KV, D, S, dtype):
     ref = decode_attention_ref(q, k, v, scale)
     ours = (decode_attention(q, k, v, scale).double() - ref).abs().max().item()
     blas = (torch_ops.attention(q, k, v, None, None, scale).double() - ref).abs().max().item()
-    unit = 2.0**-24 if dtype == torch.float32 else 2.0**-8
+    unit = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     assert ours <= 2 * blas + S**0.5 * unit * ref.abs().max().item(), (ours, blas)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_each_row_equals_the_row_alone(dtype):
     k, v = _cache_views(5, 2, 300, 64, dtype, seed=1)
     q = torch.randn(5, 14, 1, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -57,7 +58,7 @@ def test_values_sum_in_key_order():
 
 
 @pytest.mark.parametrize("D", [64, 128, 80])  # scales 1/8 (exact), 128**-0.5 and 80**-0.5 (rounded products)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rows_of_their_own_lengths_in_one_call(dtype, D):
     # the engine's rows each keep their own cache: one call attends each over its own keys, with exactly the
     # numbers of the documented per-row composition (head_scores, torch's scores * scale and float32 softmax,
@@ -107,7 +108,7 @@ def test_write_rows_fills_each_rows_cache_as_its_own_update(T):
 
 
 @pytest.mark.parametrize(("G", "D", "S"), [(7, 64, 8192 + 5), (1, 128, 48), (5, 80, 37), (4, 96, 15), (2, 64, 16)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_head_scores_are_the_linears_sums(G, D, S, dtype):
     # scores[h] = q[h] k[h]^T in invariant_linear's documented order, bit for bit, whether the keys go through the
     # 16-key blocks or the linear's own tiles (keys past the last block of 16, or head sizes off the step)
@@ -118,16 +119,16 @@ def test_head_scores_are_the_linears_sums(G, D, S, dtype):
     q = torch.randn(2, G, D, generator=g).to(dtype)
     k = torch.randn(2, S + 3, D, generator=g).to(dtype)[:, :S]  # a cache's view: rows contiguous
     if S > 16:
-        q[1, 0, 3] = float("nan")  # NaN scores: the same bits (0x7FC0 in bfloat16) on both paths
+        q[1, 0, 3] = float("nan")  # NaN scores: the same bits (0x7FC0 in bfloat16, 0x7E00 in float16) on both paths
     scores = ext.head_scores(q, k)
     for h in range(2):
         linear = ext.linears(q[h].contiguous(), [k[h].contiguous()], [torch.empty(0, dtype=dtype)])[0]  # [G, S]
-        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        bits = torch.int32 if dtype == torch.float32 else torch.int16  # bfloat16, float16
         assert torch.equal(scores[h].view(bits), linear.view(bits))
 
 
 @pytest.mark.parametrize(("G", "D"), [(7, 64), (8, 64), (12, 128), (3, 80)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_values_of_a_query_head_do_not_depend_on_the_heads_beside_it(G, D, dtype):
     # up to 7 query heads per KV head take whole rows of values in one pass, more take them 32 columns at a time,
     # and 1 head alone takes its own path: each (head, column) sum is the same key-order sequence in all of them

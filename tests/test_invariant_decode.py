@@ -4,7 +4,7 @@ Tolerances. float32: 1e-4 max |logit difference| against transformers, as for th
 in another order than BLAS, so the difference is not 0 but float32 rounding (measured: about 1e-6). bfloat16:
 the two sides round their linear outputs to bfloat16 from differently ordered float32 sums, so they are not
 bit-equal; the bound is that our error against float64 is at most 2x transformers' bfloat16 error against the
-same float64 logits (plus 0.05 at a logit scale of about 16).
+same float64 logits (plus 0.05 at a logit scale of about 16); float16 likewise, against transformers in float16.
 Exactness of batching: bit-equal to running alone, tested through the engine and through generate().
 """
 
@@ -52,13 +52,14 @@ def test_decode_steps_match_transformers_fp32(tiny, preset):
     assert (a - b).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("preset", ["qwen2.5", "qwen1.5"])
-def test_decode_steps_bf16_within_twice_transformers_error(tiny, preset):
+def test_decode_steps_half_width_within_twice_transformers_error(tiny, preset, dtype):
     path = tiny(preset)
     prompt, feed = list(range(10, 30)), [3, 17, 256, 9, 1024]
     truth = _step_logits(load(path, dtype="float64").model, prompt, feed, torch.float64)
-    ours = _step_logits(load(path, dtype="bfloat16", decode_linear="invariant").model, prompt, feed, torch.bfloat16)
-    theirs = _hf_logits(hf_model(path, torch.bfloat16), prompt, feed)
+    ours = _step_logits(load(path, dtype=str(dtype)[6:], decode_linear="invariant").model, prompt, feed, dtype)
+    theirs = _hf_logits(hf_model(path, dtype), prompt, feed)
     ours_err = (ours.double() - truth).abs().max().item()
     their_err = (theirs - truth).abs().max().item()
     assert ours_err <= 2 * their_err + 0.05, (ours_err, their_err)
@@ -96,7 +97,7 @@ def test_greedy_tokens_equal_the_torch_path_and_transformers(tiny, preset):
     assert exact_rows >= 2, f"{preset}: {3 - exact_rows} of 3 rows differ (each only at a near-tie)"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_exact_batch_is_one_forward_per_step_and_equals_each_row_alone(tiny, dtype):
     model = load(tiny("qwen2.5"), dtype=dtype, decode_linear="invariant").model
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10] * 12, [3, 1, 4, 1, 5, 9, 2, 6], [7, 8, 9]]
@@ -118,7 +119,7 @@ def test_exact_batch_is_one_forward_per_step_and_equals_each_row_alone(tiny, dty
     assert len(calls) - len(decode_calls) == len({tuple(p) for p in prompts})
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_n_seeded_samples_equal_each_sample_alone(tiny, dtype):
     qwen = qwen_ref.load(tiny("qwen2.5"), dtype=dtype, decode_linear="invariant")
     body = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 1.0, "top_p": 0.9,
@@ -147,7 +148,7 @@ def test_sixteen_requests_in_one_forward_equal_each_alone(tiny):
 
 
 @pytest.mark.parametrize("width", [176, 100, 4864, 27, 40000])  # 40,000: past torch's grain size
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_rowwise_activation_gives_each_row_its_bits_alone(width, dtype):
     from qwen_ref.models.torch_ops import silu_mul, silu_mul_rowwise
     from qwen_ref_kernels.invariant_linear import extension
@@ -168,7 +169,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     # the bits of every number (a zero's sign too); every NaN as one NaN (the vector and scalar paths of torch's
     # silu give NaNs of other signs and payloads, which mean the same)
     t = torch.where(t.isnan(), torch.tensor(float("nan"), dtype=t.dtype), t)
-    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
 
 def test_bad_decode_linear_options_are_refused(tiny):
@@ -176,15 +177,13 @@ def test_bad_decode_linear_options_are_refused(tiny):
     with pytest.raises(CheckpointError,
                        match="decode_linear: 'fast' is not supported; allowed: 'auto', 'torch', 'invariant'"):
         load(path, decode_linear="fast")
-    with pytest.raises(CheckpointError, match=r"float32 or bfloat16; got device cpu, dtype torch\.float64"):
+    with pytest.raises(CheckpointError, match=r"float32, bfloat16 or float16; got device cpu, dtype torch\.float64"):
         load(path, dtype="float64", decode_linear="invariant")
-    with pytest.raises(CheckpointError, match=r"float32 or bfloat16; got device cpu, dtype torch\.float16"):
-        load(path, dtype="float16", decode_linear="invariant")
 
 
 @pytest.mark.parametrize(("options", "name"), [
-    ({}, "invariant"), ({"dtype": "bfloat16"}, "invariant"), ({"decode_linear": "torch"}, "torch"),
-    ({"dtype": "float64"}, "torch"), ({"dtype": "float16"}, "torch"), ({"offload": "disk"}, "torch")])
+    ({}, "invariant"), ({"dtype": "bfloat16"}, "invariant"), ({"dtype": "float16"}, "invariant"),
+    ({"decode_linear": "torch"}, "torch"), ({"dtype": "float64"}, "torch"), ({"offload": "disk"}, "torch")])
 def test_the_default_decode_linear_is_the_invariant_kernel_where_it_runs(tiny, options, name):
     qwen = load(tiny("qwen2.5"), **options)
     assert qwen.model.backends.name == name
@@ -239,7 +238,7 @@ def test_server_exact_batching_decodes_the_requests_in_one_forward(tiny):
 
 
 @pytest.mark.parametrize("preset", ["qwen2.5", "qwen1.5"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_the_one_call_decoder_layer_is_the_layer_op_by_op(tiny, preset, dtype):
     # Backends.decode_layer runs a decode step's layer in one C++ call; the same model without it runs the layer's
     # ops one by one. Logits and every cache entry must be bit-equal: one row alone, and rows of their own lengths
@@ -281,13 +280,13 @@ def test_the_one_call_decoder_layer_is_the_layer_op_by_op(tiny, preset, dtype):
         assert all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v))
 
 
-def test_float32_prefill_linears_run_the_kernel_in_blocks_of_rows(tiny):
-    # a float32 prompt longer than one call's rows: the kernel in blocks of KERNEL_PREFILL_ROWS, each row the bits
-    # of that row alone; bfloat16 prefill longer than BF16_KERNEL_ROWS keeps BLAS (F.linear's bits)
+def test_float32_and_float16_prefill_linears_run_the_kernel_in_blocks_of_rows(tiny):
+    # a float32 or float16 prompt longer than one call's rows: the kernel in blocks of KERNEL_PREFILL_ROWS, each row
+    # the bits of that row alone; bfloat16 prefill longer than BF16_KERNEL_ROWS keeps BLAS (F.linear's bits)
     from qwen_ref.models.backends import BF16_KERNEL_ROWS, KERNEL_PREFILL_ROWS
     from qwen_ref_kernels.invariant_linear import invariant_linear
 
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         model = load(tiny("qwen2.5"), dtype=str(dtype)[6:]).model
         attn = model.model.layers[0].self_attn
         layers = [attn.q_proj, attn.k_proj, attn.v_proj]
@@ -295,10 +294,12 @@ def test_float32_prefill_linears_run_the_kernel_in_blocks_of_rows(tiny):
         ys = model.backends.linear(x, layers)
         for y, m in zip(ys, layers, strict=True):
             assert y.shape == (*x.shape[:2], m.weight.shape[0])
-            if dtype == torch.float32:
+            if dtype != torch.bfloat16:
                 for b, t in [(0, 0), (0, 63), (0, 64), (1, 10), (1, 74)]:
                     assert torch.equal(y[b, t], invariant_linear(x[b, t][None], m.weight, m.bias)[0]), (b, t)
-                torch.testing.assert_close(y, torch.nn.functional.linear(x, m.weight, m.bias), rtol=0, atol=1e-5)
+                blas = torch.nn.functional.linear(x.float(), m.weight.float(), m.bias.float())  # float32 sums
+                atol = 1e-5 if dtype == torch.float32 else 2.0**-11 * blas.abs().max().item()  # + float16 rounding
+                torch.testing.assert_close(y.float(), blas, rtol=0, atol=atol)
             else:
                 assert torch.equal(y, torch.nn.functional.linear(x, m.weight, m.bias))
                 short = x[:1, :BF16_KERNEL_ROWS]  # the engine's chunk: the kernel's rows

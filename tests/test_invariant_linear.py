@@ -1,11 +1,13 @@
 """The batch-invariant CPU linear (qwen_ref_kernels/invariant_linear.py) against its references.
 
 1. Accuracy against float64 (invariant_linear_ref), with the worst-case bound of a float32 dot product:
-   |y - ref| <= K * 2**-24 * (|x| @ |w|.T) (+ one bfloat16 rounding of the output, 2**-8 * |y|, for bfloat16).
+   |y - ref| <= K * 2**-24 * (|x| @ |w|.T) (+ one rounding of the output, 2**-8 * |y| for bfloat16 and 2**-11 * |y|
+   for float16).
 2. Bit-exact batch invariance: a row's output is the same alone, in any slice, and among other rows.
 3. The documented summation order, replayed by an independent implementation in exact rational arithmetic
    (Fractions, one rounding to float32 per step, as a fused multiply-add does), gives the same bits.
-   The order is the same on every CPU, so this holds on any machine.
+   The order is the same on every CPU, so this holds on any machine; a build without AVX-512 (the scalar steps)
+   gives the same bits as this CPU's vector build.
 4. Bad inputs raise errors that name the problem.
 """
 
@@ -31,7 +33,7 @@ def _inputs(M, K, N, dtype, bias, seed=0):
     return x, w, b
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K,N", SHAPES)
 def test_accuracy_within_the_float32_dot_product_bound(K, N, dtype):
     for M, bias in [(1, False), (5, True), (33, True)]:
@@ -42,13 +44,13 @@ def test_accuracy_within_the_float32_dot_product_bound(K, N, dtype):
         bound = (K + 1) * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
         if b is not None:
             bound = bound + 2.0**-24 * b.double().abs()
-        if dtype == torch.bfloat16:
-            bound = bound + 2.0**-8 * ref.abs()  # the output's one rounding to bfloat16
+        if dtype != torch.float32:  # the output's one rounding to bfloat16 or float16
+            bound = bound + (2.0**-8 if dtype == torch.bfloat16 else 2.0**-11) * ref.abs()
         err = (y.double() - ref).abs()
         assert bool((err <= bound + 1e-30).all()), (M, K, N, float((err - bound).max()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K,N", [(17, 5), (123, 37), (896, 1152), (2100, 21)])  # 2100: x of 3+ rows in chunks
 def test_rows_are_bit_equal_in_any_batch(K, N, dtype):
     x, w, b = _inputs(40, K, N, dtype, bias=True, seed=1)
@@ -65,7 +67,7 @@ def test_rows_are_bit_equal_in_any_batch(K, N, dtype):
     assert torch.equal(invariant_linear(x3, w, b), full[:12].reshape(3, 4, N))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_several_weights_in_one_call_equal_separate_calls(dtype):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 64, generator=g).to(dtype)
@@ -125,6 +127,23 @@ def test_the_documented_summation_order_bit_for_bit(K, N):
             assert y[m, n] == want, (K, m, n, y[m, n], want)
 
 
+@pytest.mark.parametrize("K", [7, 16, 37, 1100])
+def test_the_documented_float16_order_bit_for_bit(K):
+    # float16 inputs widen exactly to float32 (subnormals too: they are normal float32s, never flushed), then the
+    # float32 order; the sum is rounded once to float16, to nearest even, and past 65504 to infinity
+    x, w, _ = _inputs(3, K, 12, torch.float16, bias=False, seed=K)
+    w[1, 1::4] = 3e-6  # float16 subnormals (below 6.1e-5)
+    x[2, :5] = -4e-7
+    w[2] = 200.0  # row 1 of x times weight 2: beyond float16's range
+    x[1] = 1.0
+    y = invariant_linear(x, w)
+    for m in range(3):
+        for n in range(12):
+            want = torch.tensor(float(_documented_order(x[m].float().numpy(), w[n].float().numpy()))).half()
+            assert y[m, n].view(torch.int16) == want.view(torch.int16), (K, m, n, y[m, n], want)
+    assert K < 328 or y[1, 2].item() == float("inf")  # 200 * K > 65504
+
+
 TINY = Fraction(1, 2**126)  # the smallest normal float32 (and bfloat16)
 
 
@@ -180,10 +199,41 @@ def test_the_bfloat16_instruction_and_its_spelled_out_steps_agree():
         assert torch.equal(spelled.linears(x, [w], [b])[0], invariant_linear(x, w, b)), (M, K, N)
 
 
+def test_a_build_without_avx512_gives_the_same_bits():
+    # the scalar steps a CPU without AVX-512 runs (fmaf per lane, float16 and bfloat16 widened one by one, outputs
+    # rounded by c10's conversions) against this CPU's vector build, in every dtype: linears, attention, RMSNorm
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load_inline
+
+    from qwen_ref_kernels import invariant_linear as il
+
+    if " avx512f " not in Path("/proc/cpuinfo").read_text() + " ":
+        pytest.skip("this CPU has no AVX-512: the scalar steps are what runs, checked by the order tests")
+    vector = il.extension()
+    scalar = load_inline(name=f"qwen_ref_invariant_linear_{il._cpu_signature()}_no_avx512", cpp_sources=il._SOURCE,
+                         functions=il.FUNCTIONS, extra_cflags=[*il._FLAGS, "-mno-avx512f"],
+                         extra_ldflags=["-fopenmp"])
+    assert scalar.native_bf16_pairs() == 0
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for M, K, N in [(1, 896, 40), (5, 2100, 24), (3, 77, 9)]:
+            x = torch.randn(M, K, generator=g).to(dtype)
+            w = (torch.randn(N, K, generator=g) * torch.logspace(-8, 2, K)).to(dtype)  # float16 subnormals to large
+            b = torch.randn(N, generator=g).to(dtype)
+            assert torch.equal(scalar.linears(x, [w], [b])[0], invariant_linear(x, w, b)), (dtype, M, K, N)
+        q = torch.randn(2, 1, 7, 64, generator=g).to(dtype)  # [B, KV, G, D]
+        k, v = (torch.randn(1, 1, 40, 64, generator=g).to(dtype) for _ in range(2))
+        want = vector.attend_rows(q, [k, k], [v, v], 0.125)
+        assert torch.equal(scalar.attend_rows(q, [k, k], [v, v], 0.125), want), dtype
+        x, w = (torch.randn(3, 100, generator=g) * 5).to(dtype), torch.randn(100, generator=g).to(dtype)
+        assert torch.equal(scalar.rms_norm_rows(x, w, 1e-6), vector.rms_norm_rows(x, w, 1e-6)), dtype
+
+
 def test_bad_inputs_name_the_problem():
     x, w, _ = _inputs(2, 8, 3, torch.float32, bias=True)
-    with pytest.raises(ValueError, match="float16 is not supported"):
-        invariant_linear(x.half(), w.half())
+    with pytest.raises(ValueError, match="float64 is not supported; allowed: float32, bfloat16, float16"):
+        invariant_linear(x.double(), w.double())
     with pytest.raises(ValueError, match=r"x dtype torch\.bfloat16 differs"):
         invariant_linear(x.bfloat16(), w)
     with pytest.raises(ValueError, match=r"x \(2, 7\) and weight \(3, 8\) do not fit"):

@@ -49,6 +49,8 @@ log = logging.getLogger("qwen_ref")
 # on the same shapes, against 0.89 / 0.78 with BLAS; bench_prefill.py). bfloat16: chunks of up to
 # BF16_KERNEL_ROWS tokens (the engine's default chunk); longer ones keep BLAS, whose large-M bfloat16 products are
 # the faster (512 tokens in chunks of 32: 0.93 s against BLAS's 1.06; chunks of 64: 0.86 against 0.80).
+# float16: as float32, every prefill linear (BLAS's float16 products have no fast kernel here: 32 rows of a step's
+# linears took 432 ms against the kernel's 71; bench_invariant_linear.py --dtype float16).
 KERNEL_PREFILL_ROWS = 64
 BF16_KERNEL_ROWS = 32
 
@@ -99,7 +101,7 @@ def check_backend_options(kernels: str, decode_linear: str, device: torch.device
         raise CheckpointError(f"decode_linear: {decode_linear!r} is not supported; allowed: "
                               f"{', '.join(map(repr, DECODE_LINEARS))}")
     if decode_linear == "invariant" and not invariant_runs(device, dtype):
-        raise CheckpointError(f"decode_linear='invariant' runs on the CPU in float32 or bfloat16; got device "
+        raise CheckpointError(f"decode_linear='invariant' runs on the CPU in float32, bfloat16 or float16; got device "
                               f"{device}, dtype {dtype}")
     _use_triton(kernels, device)
 
@@ -276,7 +278,7 @@ def _invariant_linear(model: nn.Module) -> Callable[[torch.Tensor, Sequence[nn.L
         if isinstance(m, nn.Linear):
             w = m.weight
             if w.device.type != "cpu" or w.dtype not in SUPPORTED_WEIGHT_DTYPES or not w.is_contiguous():
-                raise CheckpointError(f"decode_linear='invariant' runs on the CPU in float32 or bfloat16; "
+                raise CheckpointError(f"decode_linear='invariant' runs on the CPU in float32, bfloat16 or float16; "
                                       f"{name}.weight is {w.dtype} on {w.device}"
                                       f"{'' if w.is_contiguous() else ', not contiguous'}")
     try:
@@ -285,9 +287,10 @@ def _invariant_linear(model: nn.Module) -> Callable[[torch.Tensor, Sequence[nn.L
         raise CheckpointError(f"decode_linear='invariant': {e}") from None
 
     def linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
-        # one kernel call for all the layers: a decode step (one token per row), float32 prefill in calls of
-        # KERNEL_PREFILL_ROWS rows, bfloat16 prefill chunks of up to BF16_KERNEL_ROWS tokens; BLAS for the rest
-        if x.dim() != 3 or (x.shape[1] != 1 and x.dtype != torch.float32
+        # one kernel call for all the layers: a decode step (one token per row), float32 and float16 prefill in
+        # calls of KERNEL_PREFILL_ROWS rows, bfloat16 prefill chunks of up to BF16_KERNEL_ROWS tokens; BLAS for the
+        # rest
+        if x.dim() != 3 or (x.shape[1] != 1 and x.dtype == torch.bfloat16
                             and x.shape[0] * x.shape[1] > BF16_KERNEL_ROWS):
             return torch_ops.linear(x, layers)
         B, T = x.shape[:2]
