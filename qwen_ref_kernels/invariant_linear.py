@@ -37,12 +37,14 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = (Path(__file__).parent / "invariant_linear.cpp").read_text(encoding="utf-8")
+# one module: flash_prefill.cpp uses invariant_linear.cpp's vector helpers
+_SOURCE = "\n".join((Path(__file__).parent / name).read_text(encoding="utf-8")
+                     for name in ("invariant_linear.cpp", "flash_prefill.cpp"))
 
 # -ffp-contract=off: no multiply-add is fused unless the source says so (fmadd, fmaf), whatever the compiler decides
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 FUNCTIONS = ["linears", "head_scores", "weighted_rows", "attend_rows", "write_rows", "rms_norm_rows", "rope_qk",
-             "silu_mul_rows", "decode_layer", "native_bf16_pairs"]
+             "silu_mul_rows", "decode_layer", "native_bf16_pairs", "flash_prefill"]
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None  # why the build failed, once it has

@@ -53,7 +53,7 @@ def test_decode_steps_match_transformers_fp32(tiny, preset):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("preset", ["qwen2.5", "qwen1.5"])
+@pytest.mark.parametrize("preset", ["qwen2.5", "qwen1.5", "qwen2.5-coder-32b-shape"])  # coder: head size 128
 def test_decode_steps_half_width_within_twice_transformers_error(tiny, preset, dtype):
     path = tiny(preset)
     prompt, feed = list(range(10, 30)), [3, 17, 256, 9, 1024]

@@ -114,7 +114,10 @@ def test_the_default_backend_prefills_with_it(tiny):
     if default.backends.name != "invariant":
         pytest.skip(f"the default backend here is {default.backends.name}")
     exact = qwen_ref.load(tiny("qwen2.5"), dtype="float32", decode_linear="torch").model
-    assert default.backends.attention is prefill_attention and exact.backends.attention is attention
+    from qwen_ref.models.backends import _invariant_prefill_attention
+
+    # float32 prompts: prefill_attention itself (bfloat16 ones: the C++ flash attention, test_flash_prefill.py)
+    assert default.backends.attention is _invariant_prefill_attention and exact.backends.attention is attention
     ids = torch.randint(0, 1000, (1, 60), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a = default(ids, cache=default.new_cache(1, 60))

@@ -11,13 +11,15 @@
 
 torch (models/torch_ops.py) is the reference. Triton (qwen_ref_kernels) replaces RMSNorm and attention;
 the batch-invariant CPU kernel replaces the decode-step linears, and its backend (the default on the CPU) prefills
-without the work above the diagonal (torch_ops.prefill_attention). The rules that keep the reference's meaning:
+without the work above the diagonal (torch_ops.prefill_attention; bfloat16: the C++ flash attention,
+qwen_ref_kernels/flash_prefill.py). The rules that keep the reference's meaning:
 float64 always runs the torch ops (it is the ground truth), and so do sliding-window layers (the Triton
 kernels have no window).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import weakref
@@ -123,7 +125,7 @@ def resolve_backends(model: nn.Module, *, kernels: str = "torch", decode_linear:
         ops.update(_triton_ops())
         names.append("triton")
     if decode_linear == "invariant":
-        attention = ops.get("attention", torch_ops.prefill_attention)
+        attention = ops.get("attention", _invariant_prefill_attention)
         other_decode = ops.get("decode_attention", TORCH.decode_attention)
         ops.update(linear=_invariant_linear(model), silu_mul=_invariant_silu_mul, attention=attention,
                    rms_norm=ops.get("rms_norm", _invariant_rms_norm), rope_qk=_invariant_rope,
@@ -149,6 +151,23 @@ def _invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> to
     if x.dtype not in SUPPORTED_WEIGHT_DTYPES or weight.dtype != x.dtype:
         return torch_ops.rms_norm(x, weight, eps)
     return extension().rms_norm_rows(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps).view(x.shape)
+
+
+def _invariant_prefill_attention(q, k, v, q_pos, window, scale):
+    # bfloat16 prompts (queries that are the last T of their keys, no window) through the C++ flash attention
+    # (qwen_ref_kernels/flash_prefill.py), where the CPU has the bfloat16 pair instruction it is built on; the rest
+    # torch_ops.prefill_attention
+    if (q.dtype == torch.bfloat16 and q_pos is None and window is None and q.shape[-1] % 64 == 0
+            and q.device.type == "cpu" and _native_bf16()):
+        from qwen_ref_kernels.flash_prefill import flash_prefill
+
+        return flash_prefill(q, k, v, scale)
+    return torch_ops.prefill_attention(q, k, v, q_pos, window, scale)
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    return bool(extension().native_bf16_pairs())
 
 
 def _invariant_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

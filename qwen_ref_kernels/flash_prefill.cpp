@@ -1,0 +1,223 @@
+// Causal prefill attention in bfloat16 on the CPU, one pass over the keys per block of queries (a flash attention:
+// no score matrix in memory, the softmax taken online, key blocks above the diagonal never read). Compiled after
+// invariant_linear.cpp, in the same module: it uses that file's vectors (vf, vu), dot_pairs and as_dtype.
+//
+// Numbers, for query i of a row (position S - T + i among the row's S keys) and one head:
+//   s_j   = q . k_j in float32: the head size in pairs (2p, 2p + 1), p ascending, each pair as dot_pairs (the
+//           VDPBF16PS steps: the odd element's product first, subnormals read as zero), then t_j = s_j * scale
+//   keys j <= S - T + i, in blocks of 64 from key 0; per block, with m the running maximum of the t_j so far
+//   (m starts at -inf, l at 0, o at 0):
+//           m' = max(m, max of the block's t_j); a = exp(m - m')
+//           p_j = bfloat16(exp(t_j - m')), rounded to nearest even; masked keys p_j = 0
+//           l = l * a + (the block's p_j summed as 16 lanes of 4 steps, folded in halves)
+//           o_d = o_d * a + sum of p_j v_jd over the block's keys in pairs (2j', 2j' + 1) as dot_pairs
+//   out_d = bfloat16(o_d / l)
+// exp is exp16 below (a polynomial, within 2 units in the last place of float32; 0 below -87). Every step is
+// written out, so the result is the same in any batch and on any CPU with the instruction (without it, dot_pairs'
+// spelled-out steps give the same bits, slowly: the backend keeps torch's path there).
+
+namespace {
+// exp of 16 floats: x = n ln2 + r with n = round(x log2 e) (ties to even, by the 1.5 * 2^23 trick) and
+// |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), e^r by Cephes' degree-6 polynomial, times 2^n from the bits.
+// x < -87 (and -inf) gives 0; the callers pass x <= 0 (scores minus their maximum).
+inline vf exp16(vf x) {
+  const vf floor_in = x < -87.0f ? vf{} - 87.0f : x;  // where 2^n stays a normal float32
+  const vf shift = vf{} + 12582912.0f;  // 1.5 * 2^23: adding and taking away rounds to an integer
+  const vf n = (floor_in * 1.44269504088896341f + shift) - shift;
+  vf r = fmadd(n, vf{} - 0.693359375f, floor_in);
+  r = fmadd(n, vf{} + 2.12194440e-4f, r);
+  vf y = vf{} + 1.9875691500e-4f;
+  y = fmadd(y, r, vf{} + 1.3981999507e-3f);
+  y = fmadd(y, r, vf{} + 8.3334519073e-3f);
+  y = fmadd(y, r, vf{} + 4.1665795894e-2f);
+  y = fmadd(y, r, vf{} + 1.6666665459e-1f);
+  y = fmadd(y, r, vf{} + 5.0000001201e-1f);
+  y = fmadd(y, r * r, r) + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n
+  vf two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  const vf e = y * two_n;
+  return x < -87.0f ? vf{} : e;
+}
+
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+inline float hmax(vf v) {  // the largest lane, folded in halves (the order cannot change a maximum)
+  v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
+inline float hsum(vf v) {  // lanes folded in halves: lane j += lane j + 8, + 4, + 2, + 1
+  v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+inline vu broadcast(uint32_t pair) { return vu{} + pair; }
+
+constexpr int KB = 64;  // keys per block: 4 vectors of 16 scores
+constexpr int QB = 6;   // queries per tile: 6 x 4 sums, 4 key (or value) vectors and a broadcast in 29 registers
+
+// One KV head's keys and values repacked for the tiles: keys [S/64][D/2][64] as pairs of the head size (for
+// key j, column pair p: k[j, 2p], k[j, 2p + 1]), values [S/2][D] as pairs of keys (for key pair j', column d:
+// v[2j', d], v[2j' + 1, d]); keys past S are zeros.
+struct Packed {
+  std::vector<uint32_t> k, v;
+};
+
+inline uint32_t pair_bits(bf16 lo, bf16 hi) { return static_cast<uint32_t>(lo.x) | static_cast<uint32_t>(hi.x) << 16; }
+
+Packed pack(const bf16* k, const bf16* v, int64_t ks, int64_t vs, int64_t S, int64_t D) {
+  const int64_t blocks = (S + KB - 1) / KB, P = D / 2;
+  Packed out{std::vector<uint32_t>(blocks * P * KB), std::vector<uint32_t>(blocks * KB / 2 * D)};
+  for (int64_t j = 0; j < S; ++j) {
+    const bf16* kj = k + j * ks;
+    uint32_t* kb = out.k.data() + j / KB * P * KB + j % KB;
+    for (int64_t p = 0; p < P; ++p) kb[p * KB] = pair_bits(kj[2 * p], kj[2 * p + 1]);
+    const bf16* vj = v + j * vs;
+    uint16_t* vp = reinterpret_cast<uint16_t*>(out.v.data() + j / 2 * D) + j % 2;  // low half: the even key
+    for (int64_t d = 0; d < D; ++d) vp[2 * d] = vj[d].x;
+  }
+  return out;
+}
+
+// The scores of R (<= QB) query rows against one block of 64 keys: acc[r][c] lane l = key 16c + l
+template <int R>
+inline void block_scores(const uint32_t* const* q, const uint32_t* kb, int64_t P, vf (*acc)[4]) {
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = vf{};
+  for (int64_t p = 0; p < P; ++p) {
+    vu kv[4];
+    for (int c = 0; c < 4; ++c) std::memcpy(&kv[c], kb + p * KB + c * L, sizeof kv[c]);
+    for (int r = 0; r < R; ++r) {
+      const vu qp = broadcast(q[r][p]);
+      for (int c = 0; c < 4; ++c) acc[r][c] = dot_pairs(qp, kv[c], acc[r][c]);
+    }
+  }
+}
+
+// o[r][d0 .. d0 + 64] = o * a[r] + the block's probabilities (bfloat16, pairs of keys) times its values
+template <int R>
+inline void block_values(const uint32_t* probs, const uint32_t* vb, int64_t pairs, int64_t D, int64_t d0,
+                         const float* a, float* o) {
+  vf acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = load(o + r * D + d0 + c * L) * a[r];
+  for (int64_t jp = 0; jp < pairs; ++jp) {
+    vu vv[4];
+    for (int c = 0; c < 4; ++c) std::memcpy(&vv[c], vb + jp * D + d0 + c * L, sizeof vv[c]);
+    for (int r = 0; r < R; ++r) {
+      const vu pp = broadcast(probs[r * KB / 2 + jp]);
+      for (int c = 0; c < 4; ++c) acc[r][c] = dot_pairs(pp, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) std::memcpy(o + r * D + d0 + c * L, &acc[r][c], sizeof acc[r][c]);
+}
+
+// R query rows at positions first .. first + R - 1 (the last of them sees keys 0 .. first + R - 1) over the packed
+// head, written to out (rows D apart)
+template <int R>
+void query_tile(const bf16* const* qrows, const Packed& kv, int64_t D, int64_t first, float scale, bf16* const* out) {
+  const int64_t P = D / 2, blocks = (first + R - 1) / KB + 1;
+  const uint32_t* q[R];
+  for (int r = 0; r < R; ++r) q[r] = reinterpret_cast<const uint32_t*>(qrows[r]);
+  std::vector<float> o(R * D, 0.0f);
+  float m[R], l[R], a[R];
+  for (int r = 0; r < R; ++r) m[r] = -INFINITY, l[r] = 0.0f;
+  alignas(64) uint32_t probs[R * KB / 2];
+  for (int64_t b = 0; b < blocks; ++b) {
+    vf acc[R][4];
+    block_scores<R>(q, kv.k.data() + b * P * KB, P, acc);
+    for (int r = 0; r < R; ++r) {
+      const int64_t last = first + r - b * KB;  // the row's last visible key, within this block
+      vf t[4];
+      for (int c = 0; c < 4; ++c) t[c] = acc[r][c] * scale;
+      if (last < KB - 1)  // keys past the row's position in this block: masked
+        for (int c = 0; c < 4; ++c) {
+          const vi key = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + c * L;
+          t[c] = key <= static_cast<int32_t>(last) ? t[c] : vf{} - INFINITY;
+        }
+      const float mb = hmax(vmax(vmax(t[0], t[1]), vmax(t[2], t[3])));
+      const float mn = std::max(m[r], mb);
+      a[r] = exp16(vf{} + (m[r] - mn))[0];  // m = -inf at the first block: a = 0 (o and l are 0 anyway)
+      vf sum = vf{};
+      for (int c = 0; c < 4; ++c) {
+        const vf pc = as_dtype<bf16>(exp16(t[c] - mn));
+        sum = sum + pc;
+        const vh h = __builtin_convertvector(as_bits(pc) >> 16, vh);
+        std::memcpy(reinterpret_cast<uint16_t*>(probs + r * KB / 2) + c * L, &h, sizeof h);
+      }
+      l[r] = l[r] * a[r] + hsum(sum);
+      m[r] = mn;
+    }
+    const int64_t keys = std::min<int64_t>(KB, first + R - b * KB), pairs = (keys + 1) / 2;
+    for (int64_t d0 = 0; d0 < D; d0 += KB)
+      block_values<R>(probs, kv.v.data() + b * KB / 2 * D, pairs, D, d0, a, o.data());
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t d0 = 0; d0 < D; d0 += L) store16(out[r] + d0, load(o.data() + r * D + d0) / l[r]);
+}
+}  // namespace
+
+// q [B, H, T, D], k and v [B, KV, S, D] (last dimension contiguous), bfloat16, D a multiple of 64, H a multiple of
+// KV; row b's queries are the last T of its S keys (causal, no padding, no window) -> [B, H, T, D] contiguous
+torch::Tensor flash_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0 && q.size(2) <= k.size(2) &&
+                  q.size(3) % 64 == 0 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 &&
+                  q.scalar_type() == torch::kBFloat16 && k.scalar_type() == q.scalar_type() &&
+                  v.scalar_type() == q.scalar_type() && q.device().is_cpu(),
+              "flash_prefill: want bfloat16 q [B, H, T, D] and k, v [B, KV, S, D] on the CPU, T <= S, D a "
+              "multiple of 64, the last dimension contiguous");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2);
+  const int64_t G = H / KV;
+  torch::Tensor out = torch::empty({B, H, T, D}, q.options());
+  std::vector<Packed> packed(B * KV);
+  const bf16* kp = k.data_ptr<bf16>();
+  const bf16* vp = v.data_ptr<bf16>();
+  at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / KV, h = i % KV;
+      packed[i] = pack(kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1), k.stride(2),
+                       v.stride(2), S, D);
+    }
+  });
+  // work items: tiles t and n - 1 - t of one (row, head) together, so that every item costs about the same
+  const int64_t tiles = (T + QB - 1) / QB, per_head = (tiles + 1) / 2;
+  const bf16* qp = q.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const float scale32 = static_cast<float>(scale);
+  auto run_tile = [&](int64_t b, int64_t h, int64_t t) {
+    const int64_t i_first = t * QB, R = std::min<int64_t>(QB, T - i_first);
+    const bf16* rows[QB];
+    bf16* outs[QB];
+    for (int64_t r = 0; r < R; ++r) {
+      rows[r] = qp + b * q.stride(0) + h * q.stride(1) + (i_first + r) * q.stride(2);
+      outs[r] = op + ((b * H + h) * T + i_first + r) * D;
+    }
+    const Packed& kv = packed[b * KV + h / G];
+    const int64_t first = S - T + i_first;
+    switch (R) {
+      case 6: query_tile<6>(rows, kv, D, first, scale32, outs); break;
+      case 5: query_tile<5>(rows, kv, D, first, scale32, outs); break;
+      case 4: query_tile<4>(rows, kv, D, first, scale32, outs); break;
+      case 3: query_tile<3>(rows, kv, D, first, scale32, outs); break;
+      case 2: query_tile<2>(rows, kv, D, first, scale32, outs); break;
+      default: query_tile<1>(rows, kv, D, first, scale32, outs); break;
+    }
+  };
+  at::parallel_for(0, B * H * per_head, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (H * per_head), h = i / per_head % H, t = i % per_head;
+      run_tile(b, h, t);
+      if (tiles - 1 - t != t) run_tile(b, h, tiles - 1 - t);  // an odd count's middle tile runs once
+    }
+  });
+  return out;
+}

@@ -1,0 +1,101 @@
+"""The C++ bfloat16 flash attention for prefill (qwen_ref_kernels/flash_prefill.py) against float64 and itself.
+
+Tolerance: the error against float64 may be at most 1.5x that of HF's eager bfloat16 attention (torch_ops.attention,
+which rounds the scores to bfloat16 where this kernel keeps them in float32; measured about half of it) plus 4 units
+of bfloat16 rounding at the output scale. A wrong mask, key range, GQA head or rescaling is an error of the order of
+the outputs. Bits: a query's numbers depend only on its row and position, so batches, chunks and tiles of queries
+are checked bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_ref.models import torch_ops
+from qwen_ref_kernels.flash_prefill import flash_prefill, flash_prefill_ref
+from qwen_ref_kernels.invariant_linear import extension
+
+
+def _qkv(B, H, KV, T, S, D, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, T, H, D, generator=g) * scale).bfloat16().transpose(1, 2)  # [B, H, T, D] as the model's
+    k = (torch.randn(B, KV, S + 5, D, generator=g) * scale).bfloat16()[:, :, :S]  # a cache's view with room left
+    v = torch.randn(B, KV, S + 5, D, generator=g).bfloat16()[:, :, :S]
+    return q, k, v
+
+
+# (H, KV, T, S, D): whole prompts (T == S) and chunks after the first (T < S); GQA and MHA; head sizes 64 and 128;
+# T not a multiple of the 6-query tiles, S not a multiple of the 64-key blocks, odd S, one query, one key
+SHAPES = [(14, 2, 300, 300, 64), (16, 16, 200, 200, 64), (40, 8, 130, 130, 128), (14, 2, 96, 700, 64),
+          (14, 2, 1, 9, 64), (14, 2, 32, 32, 64), (2, 1, 7, 7, 64), (2, 2, 1, 1, 128), (4, 2, 65, 129, 64)]
+
+
+@pytest.mark.parametrize(("H", "KV", "T", "S", "D"), SHAPES)
+def test_error_is_within_that_of_the_eager_path(H, KV, T, S, D):
+    q, k, v = _qkv(2, H, KV, T, S, D, seed=T + S)
+    scale = D**-0.5
+    ref = flash_prefill_ref(q, k, v, scale)
+    eager64 = torch_ops.attention(q.double(), k.double(), v.double(), None, None, scale)
+    torch.testing.assert_close(ref, eager64, rtol=0, atol=1e-12)  # the reference is the model's attention
+    out = flash_prefill(q, k, v, scale)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    ours = (out.double() - ref).abs().max().item()
+    eager = (torch_ops.attention(q, k, v, None, None, scale).double() - ref).abs().max().item()
+    assert ours <= 1.5 * eager + 4 * 2.0**-8 * ref.abs().max().item(), (ours, eager)
+
+
+def test_peaked_scores_and_a_running_maximum_that_moves():
+    # large scores (the softmax near one-hot) and rows whose largest score comes late, after blocks whose maximum
+    # was smaller: the running rescaling must carry the early blocks exactly
+    q, k, v = _qkv(1, 4, 2, 200, 200, 64, seed=3, scale=3.0)
+    k[:, :, 150:] *= 4  # later keys score higher
+    scale = 64**-0.5
+    ref = flash_prefill_ref(q, k, v, scale)
+    ours = (flash_prefill(q, k, v, scale).double() - ref).abs().max().item()
+    eager = (torch_ops.attention(q, k, v, None, None, scale).double() - ref).abs().max().item()
+    assert ours <= 1.5 * eager + 4 * 2.0**-8 * ref.abs().max().item(), (ours, eager)
+
+
+def test_chunks_of_a_prompt_give_the_one_pass_bits():
+    # the engine prefills in chunks at fixed offsets: each chunk's queries are the last T of the keys so far, and
+    # a query's numbers are those of the whole prompt in one pass, bit for bit (any chunk size, any tile)
+    q, k, v = _qkv(1, 14, 2, 250, 250, 64, seed=1)
+    whole = flash_prefill(q, k, v, 0.125)
+    for chunk in (32, 7, 64, 1):
+        parts = [flash_prefill(q[:, :, t : t + chunk], k[:, :, : t + chunk], v[:, :, : t + chunk], 0.125)
+                 for t in range(0, 250, chunk)]
+        assert torch.equal(torch.cat(parts, dim=2), whole), chunk
+
+
+def test_each_row_equals_the_row_alone():
+    q, k, v = _qkv(3, 14, 2, 100, 140, 64, seed=2)
+    together = flash_prefill(q, k, v, 0.125)
+    for b in range(3):
+        assert torch.equal(together[b : b + 1], flash_prefill(q[b : b + 1], k[b : b + 1], v[b : b + 1], 0.125))
+
+
+def test_bad_inputs_name_the_problem():
+    q, k, v = _qkv(1, 4, 2, 8, 8, 64, seed=0)
+    with pytest.raises(ValueError, match=r"q is torch\.float32 on cpu; it takes bfloat16"):
+        flash_prefill(q.float(), k, v, 0.125)
+    with pytest.raises(ValueError, match=r"do not fit"):
+        flash_prefill(q[..., :32], k[..., :32], v[..., :32], 0.125)  # D = 32
+    with pytest.raises(ValueError, match=r"do not fit"):
+        flash_prefill(q, k[:, :, :4], v[:, :, :4], 0.125)  # T > S
+    with pytest.raises(ValueError, match=r"v must be a 4-d tensor"):
+        flash_prefill(q, k, v[0], 0.125)
+
+
+def test_the_bfloat16_default_backend_prefills_with_it(tiny, monkeypatch):
+    import qwen_ref
+    from qwen_ref_kernels import flash_prefill as module
+
+    model = qwen_ref.load(tiny("qwen2.5-coder-32b-shape"), dtype="bfloat16").model  # head size 128
+    if model.backends.name != "invariant" or not extension().native_bf16_pairs():
+        pytest.skip("the C++ flash attention runs in the invariant backend on CPUs with avx512_bf16")
+    calls = []
+    monkeypatch.setattr(module, "flash_prefill", lambda *a: calls.append(a[0].shape) or flash_prefill(*a))
+    with torch.inference_mode():
+        model(torch.arange(3, 43)[None], cache=model.new_cache(1, 40))
+    assert calls == [(1, model.config.num_attention_heads, 40, model.config.head_dim)] * model.config.num_hidden_layers
