@@ -88,7 +88,8 @@ Packed pack(const bf16* k, const bf16* v, int64_t ks, int64_t vs, int64_t S, int
 
 // The scores of R (<= QB) query rows against one block of 64 keys: acc[r][c] lane l = key 16c + l
 template <int R>
-inline void block_scores(const uint32_t* const* q, const uint32_t* kb, int64_t P, vf (*acc)[4]) {
+inline void block_scores(const uint32_t* const* q, const uint32_t* kb, int64_t P, vf (*out)[4]) {
+  vf acc[R][4];  // in registers: written to out once, at the end (through out, GCC stored every step's sums)
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = vf{};
   for (int64_t p = 0; p < P; ++p) {
@@ -99,6 +100,8 @@ inline void block_scores(const uint32_t* const* q, const uint32_t* kb, int64_t P
       for (int c = 0; c < 4; ++c) acc[r][c] = dot_pairs(qp, kv[c], acc[r][c]);
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) out[r][c] = acc[r][c];
 }
 
 // o[r][d0 .. d0 + 64] = o * a[r] + the block's probabilities (bfloat16, pairs of keys) times its values

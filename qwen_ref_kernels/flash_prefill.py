@@ -17,8 +17,10 @@ into chunks (tests/test_flash_prefill.py checks chunks against one pass bit for 
 
 Against float64 its error is about half of HF's eager bfloat16 attention's (the scores stay in float32; eager
 rounds them to bfloat16). Against torch_ops.prefill_attention's bfloat16 blocks (eager on blocks of 64 queries),
-Qwen2.5-0.5B's heads, 2 threads, one layer: 512 tokens 2.2 against 5.9 ms, 4,096 tokens 101 against 191 ms
-(297 GFLOP/s), Qwen1.5's 16 heads at 4,096 123 against 327 ms (benchmarks/bench_prefill.py for whole prompts).
+one layer, 2 threads, best of 3 (Zen 5): Qwen2.5-0.5B's heads (14 / 2, head size 64) at 512 tokens 1.5 against
+5.5 ms, at 4,096 69.6 against 291 ms (432 GFLOP/s of the two products), 32 queries over 4,096 keys (an engine
+chunk) 1.3 against 2.0 ms; Qwen1.5's 16 heads at 4,096 76.3 against 263 ms; the coder's 40 / 8 heads of 128 at
+1,024 20.9 against 37.5 ms (benchmarks/bench_prefill.py for whole prompts).
 It needs the avx512_bf16 instruction to be fast; the backend uses it only where the CPU has it
 (invariant_linear.extension().native_bf16_pairs()).
 """
