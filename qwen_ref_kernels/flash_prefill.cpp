@@ -172,7 +172,8 @@ void query_tile(const bf16* const* qrows, const Packed& kv, int64_t D, int64_t f
 // KV; row b's queries are the last T of its S keys (causal, no padding, no window) -> [B, H, T, D] contiguous
 torch::Tensor flash_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
-                  q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0 && q.size(2) <= k.size(2) &&
+                  q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 &&
+                  q.size(2) <= k.size(2) &&
                   q.size(3) % 64 == 0 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 &&
                   q.scalar_type() == torch::kBFloat16 && k.scalar_type() == q.scalar_type() &&
                   v.scalar_type() == q.scalar_type() && q.device().is_cpu(),

@@ -42,7 +42,8 @@ def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         if t.dtype != torch.bfloat16 or t.device.type != "cpu":
             raise ValueError(f"flash_prefill: {name} is {t.dtype} on {t.device}; it takes bfloat16 on the CPU")
     B, H, T, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[1] or k.shape[2] < T or D % 64:
+    if (k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or not k.shape[1] or H % k.shape[1]
+            or k.shape[2] < T or D % 64):
         raise ValueError(f"flash_prefill: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
                          "(want q [B, H, T, D], k and v [B, KV, S, D], T <= S, KV dividing H, D a multiple of 64)")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

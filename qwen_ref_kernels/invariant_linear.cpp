@@ -581,8 +581,9 @@ torch::Tensor run_weighted_rows(const torch::Tensor& p, const torch::Tensor& v) 
 }
 }  // namespace
 
-// x [M, K]; ws[i] [N_i, K]; bs[i] [N_i] or empty. Contiguous, all of one dtype (float32, bfloat16, float16). Returns y_i [M, N_i]
-// in that dtype, each exactly what a call with that weight alone returns (one thread pool for all of them).
+// x [M, K]; ws[i] [N_i, K]; bs[i] [N_i] or empty. Contiguous, all of one dtype (float32, bfloat16, float16).
+// Returns y_i [M, N_i] in that dtype, each exactly what a call with that weight alone returns (one thread pool for
+// all of them).
 std::vector<torch::Tensor> linears(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> bs) {
   return by_dtype(x, [&](auto tag) { return run_parts<decltype(tag)>(x, ws, bs); });
 }

@@ -83,6 +83,8 @@ def test_bad_inputs_name_the_problem():
         flash_prefill(q[..., :32], k[..., :32], v[..., :32], 0.125)  # D = 32
     with pytest.raises(ValueError, match=r"do not fit"):
         flash_prefill(q, k[:, :, :4], v[:, :, :4], 0.125)  # T > S
+    with pytest.raises(ValueError, match=r"do not fit"):
+        flash_prefill(q, k[:, :0], v[:, :0], 0.125)  # no KV heads
     with pytest.raises(ValueError, match=r"v must be a 4-d tensor"):
         flash_prefill(q, k, v[0], 0.125)
 

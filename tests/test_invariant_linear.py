@@ -178,30 +178,11 @@ def test_the_documented_bfloat16_order_bit_for_bit(K):
             assert y[m, n].view(torch.int16) == want.view(torch.int16), (K, m, n, y[m, n], want)
 
 
-def test_the_bfloat16_instruction_and_its_spelled_out_steps_agree():
-    from qwen_ref_kernels.invariant_linear import extension
-
-    if not extension().native_bf16_pairs():
-        pytest.skip("this CPU has no avx512_bf16: the spelled-out steps are what runs, checked by the order test")
-    from torch.utils.cpp_extension import load_inline
-
-    from qwen_ref_kernels import invariant_linear as il
-
-    spelled = load_inline(name=f"qwen_ref_invariant_linear_{il._cpu_signature()}_no_bf16", cpp_sources=il._SOURCE,
-                          functions=il.FUNCTIONS, extra_cflags=[*il._FLAGS, "-mno-avx512bf16"],
-                          extra_ldflags=["-fopenmp"])
-    assert spelled.native_bf16_pairs() == 0
-    g = torch.Generator().manual_seed(0)
-    for M, K, N in [(1, 896, 300), (5, 4864, 64), (32, 96, 40), (3, 77, 9)]:
-        x = torch.randn(M, K, generator=g).bfloat16()
-        w = (torch.randn(N, K, generator=g) * torch.logspace(-40, 2, K)).bfloat16()  # subnormals to large
-        b = torch.randn(N, generator=g).bfloat16()
-        assert torch.equal(spelled.linears(x, [w], [b])[0], invariant_linear(x, w, b)), (M, K, N)
-
-
 def test_a_build_without_avx512_gives_the_same_bits():
-    # the scalar steps a CPU without AVX-512 runs (fmaf per lane, float16 and bfloat16 widened one by one, outputs
-    # rounded by c10's conversions) against this CPU's vector build, in every dtype: linears, attention, RMSNorm
+    # the scalar steps a CPU without AVX-512 runs (fmaf per lane, the bfloat16 pairs' steps spelled out instead of
+    # VDPBF16PS, float16 widened one by one, outputs rounded by c10's conversions) against this CPU's vector build,
+    # in every dtype: linears (bfloat16 weights down to subnormals, which the pair steps read as zero), attention,
+    # RMSNorm, and the bfloat16 flash prefill. One build serves both checks (each build costs most of a minute).
     from pathlib import Path
 
     from torch.utils.cpp_extension import load_inline
@@ -219,7 +200,8 @@ def test_a_build_without_avx512_gives_the_same_bits():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for M, K, N in [(1, 896, 40), (5, 2100, 24), (3, 77, 9)]:
             x = torch.randn(M, K, generator=g).to(dtype)
-            w = (torch.randn(N, K, generator=g) * torch.logspace(-8, 2, K)).to(dtype)  # float16 subnormals to large
+            low = -40 if dtype == torch.bfloat16 else -8  # subnormals to large
+            w = (torch.randn(N, K, generator=g) * torch.logspace(low, 2, K)).to(dtype)
             b = torch.randn(N, generator=g).to(dtype)
             assert torch.equal(scalar.linears(x, [w], [b])[0], invariant_linear(x, w, b)), (dtype, M, K, N)
         q = torch.randn(2, 1, 7, 64, generator=g).to(dtype)  # [B, KV, G, D]
@@ -228,6 +210,9 @@ def test_a_build_without_avx512_gives_the_same_bits():
         assert torch.equal(scalar.attend_rows(q, [k, k], [v, v], 0.125), want), dtype
         x, w = (torch.randn(3, 100, generator=g) * 5).to(dtype), torch.randn(100, generator=g).to(dtype)
         assert torch.equal(scalar.rms_norm_rows(x, w, 1e-6), vector.rms_norm_rows(x, w, 1e-6)), dtype
+    q = torch.randn(1, 4, 70, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, 2, 90, 64, generator=g).bfloat16() for _ in range(2))
+    assert torch.equal(scalar.flash_prefill(q, k, v, 0.125), vector.flash_prefill(q, k, v, 0.125))
 
 
 def test_bad_inputs_name_the_problem():
