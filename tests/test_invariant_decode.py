@@ -97,9 +97,10 @@ def test_greedy_tokens_equal_the_torch_path_and_transformers(tiny, preset):
     assert exact_rows >= 2, f"{preset}: {3 - exact_rows} of 3 rows differ (each only at a near-tie)"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_exact_batch_is_one_forward_per_step_and_equals_each_row_alone(tiny, dtype):
-    model = load(tiny("qwen2.5"), dtype=dtype, decode_linear="invariant").model
+@pytest.mark.parametrize(("preset", "dtype"), [("qwen2.5", "float32"), ("qwen2.5", "bfloat16"), ("qwen2.5", "float16"),
+                                              ("qwen2.5-coder-32b-shape", "bfloat16")])  # head size 128: C++ prefill
+def test_exact_batch_is_one_forward_per_step_and_equals_each_row_alone(tiny, preset, dtype):
+    model = load(tiny(preset), dtype=dtype, decode_linear="invariant").model
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10] * 12, [3, 1, 4, 1, 5, 9, 2, 6], [7, 8, 9]]
     budgets = [20, 5, 17, 20, 1]
     alone = [generate_ids(model, [p], b, stop_ids=[11, 500])[0] for p, b in zip(prompts, budgets)]
