@@ -5,12 +5,13 @@
 // Numbers, for query i of a row (position S - T + i among the row's S keys) and one head:
 //   s_j   = q . k_j in float32: the head size in pairs (2p, 2p + 1), p ascending, each pair as dot_pairs (the
 //           VDPBF16PS steps: the odd element's product first, subnormals read as zero), then t_j = s_j * scale
-//   keys j <= S - T + i, in blocks of 64 from key 0; per block, with m the running maximum of the t_j so far
-//   (m starts at -inf, l at 0, o at 0):
+//   keys j <= S - T + i, in the blocks of 64 from key 0 that hold any of them; per block, with m the running
+//   maximum of the t_j so far (m starts at -inf, l at 0, o at 0):
 //           m' = max(m, max of the block's t_j); a = exp(m - m')
 //           p_j = bfloat16(exp(t_j - m')), rounded to nearest even; masked keys p_j = 0
 //           l = l * a + (the block's p_j summed as 16 lanes of 4 steps, folded in halves)
-//           o_d = o_d * a + sum of p_j v_jd over the block's keys in pairs (2j', 2j' + 1) as dot_pairs
+//           o_d = o_d * a + sum of p_j v_jd over the block's keys j <= S - T + i in pairs (2j', 2j' + 1) as
+//           dot_pairs; a last key alone in its pair is paired with a zero key (p = 0, v = 0)
 //   out_d = bfloat16(o_d / l)
 // exp is exp16 below (a polynomial, within 2 units in the last place of float32; 0 below -87). Every step is
 // written out, so the result is the same in any batch and on any CPU with the instruction (without it, dot_pairs'
@@ -104,16 +105,20 @@ inline void block_scores(const uint32_t* const* q, const uint32_t* kb, int64_t P
     for (int c = 0; c < 4; ++c) out[r][c] = acc[r][c];
 }
 
-// o[r][d0 .. d0 + 64] = o * a[r] + the block's probabilities (bfloat16, pairs of keys) times its values
+// o[r][d0 .. d0 + 64] = o * a[r] + the block's probabilities (bfloat16, pairs of keys) times its values, over the
+// block's first `keys` keys. An odd last key is paired with a zero key (its partner's value read as 0), so that no
+// key past a row's position enters its sum (0 * inf would be NaN; 0 * v could turn a -0 sum into +0).
 template <int R>
-inline void block_values(const uint32_t* probs, const uint32_t* vb, int64_t pairs, int64_t D, int64_t d0,
+inline void block_values(const uint32_t* probs, const uint32_t* vb, int64_t keys, int64_t D, int64_t d0,
                          const float* a, float* o) {
   vf acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = load(o + r * D + d0 + c * L) * a[r];
-  for (int64_t jp = 0; jp < pairs; ++jp) {
+  for (int64_t jp = 0; jp < (keys + 1) / 2; ++jp) {
     vu vv[4];
     for (int c = 0; c < 4; ++c) std::memcpy(&vv[c], vb + jp * D + d0 + c * L, sizeof vv[c]);
+    if (2 * jp + 1 == keys)
+      for (int c = 0; c < 4; ++c) vv[c] &= 0x0000FFFFu;  // the pair's odd key (the high half) is past the last
     for (int r = 0; r < R; ++r) {
       const vu pp = broadcast(probs[r * KB / 2 + jp]);
       for (int c = 0; c < 4; ++c) acc[r][c] = dot_pairs(pp, vv[c], acc[r][c]);
@@ -128,8 +133,12 @@ inline void block_values(const uint32_t* probs, const uint32_t* vb, int64_t pair
 template <int R>
 void query_tile(const bf16* const* qrows, const Packed& kv, int64_t D, int64_t first, float scale, bf16* const* out) {
   const int64_t P = D / 2, blocks = (first + R - 1) / KB + 1;
+  std::vector<uint32_t> pairs(R * P);  // the rows' pairs copied (a row may start at any 2-byte boundary)
   const uint32_t* q[R];
-  for (int r = 0; r < R; ++r) q[r] = reinterpret_cast<const uint32_t*>(qrows[r]);
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(pairs.data() + r * P, qrows[r], P * sizeof(uint32_t));
+    q[r] = pairs.data() + r * P;
+  }
   std::vector<float> o(R * D, 0.0f);
   float m[R], l[R], a[R];
   for (int r = 0; r < R; ++r) m[r] = -INFINITY, l[r] = 0.0f;
@@ -159,9 +168,19 @@ void query_tile(const bf16* const* qrows, const Packed& kv, int64_t D, int64_t f
       l[r] = l[r] * a[r] + hsum(sum);
       m[r] = mn;
     }
-    const int64_t keys = std::min<int64_t>(KB, first + R - b * KB), pairs = (keys + 1) / 2;
-    for (int64_t d0 = 0; d0 < D; d0 += KB)
-      block_values<R>(probs, kv.v.data() + b * KB / 2 * D, pairs, D, d0, a, o.data());
+    // the values: every row over its own keys of the block (the keys up to its position); a block that all R rows
+    // see whole in one call, else row by row (the blocks on the diagonal: at most two of a tile's)
+    const uint32_t* vb = kv.v.data() + b * KB / 2 * D;
+    if (first - b * KB >= KB - 1) {
+      for (int64_t d0 = 0; d0 < D; d0 += KB) block_values<R>(probs, vb, KB, D, d0, a, o.data());
+    } else {
+      for (int r = 0; r < R; ++r) {
+        const int64_t keys = std::min<int64_t>(KB, first + r - b * KB + 1);
+        if (keys <= 0) continue;  // a block past the row's position: its m, l and o stay (a = 1, no keys)
+        for (int64_t d0 = 0; d0 < D; d0 += KB)
+          block_values<1>(probs + r * KB / 2, vb, keys, D, d0, a + r, o.data() + r * D);
+      }
+    }
   }
   for (int r = 0; r < R; ++r)
     for (int64_t d0 = 0; d0 < D; d0 += L) store16(out[r] + d0, load(o.data() + r * D + d0) / l[r]);

@@ -5,22 +5,26 @@ For each row, head and query i (the last T of the row's S keys: query i sits at 
 0 .. S - T + i), in float32 except where it says bfloat16:
     s_j = q . k_j           the head size in pairs, as the avx512_bf16 instruction VDPBF16PS sums them (the
                             linear's bfloat16 step, invariant_linear.py), then times the scale
-    keys in blocks of 64 from key 0, a running maximum m, sum l and output o (m = -inf, l = o = 0 at the start);
-    per block:  m' = max(m, the block's largest s_j);  a = exp(m - m')
+    the blocks of 64 keys from key 0 that hold the query's keys, a running maximum m, sum l and output o (m = -inf,
+    l = o = 0 at the start); per block:
+                m' = max(m, the block's largest s_j over the query's keys);  a = exp(m - m')
                 p_j = bfloat16(exp(s_j - m'))                      to nearest even; keys past i's position: 0
-                l = l * a + the block's p_j (16 lanes of 4 keys each, folded in halves)
-                o = o * a + sum of p_j v_j (keys in pairs, VDPBF16PS)
+                l = l * a + the block's 64 p_j (16 lanes of 4 keys each, then folded in halves)
+                o = o * a + sum of p_j v_j over the query's keys of the block, in pairs (2j', 2j' + 1) as
+                    VDPBF16PS sums them (the odd key first); a last key alone in its pair is paired with a zero
+                    key (p = 0, v = 0), so that no key past the query's position enters its sum
     out = bfloat16(o / l)
 exp is a float32 polynomial within 2 units in the last place (flash_prefill.cpp exp16). Every step is written out,
 so a query's numbers depend on its row and position only: never on the batch, on T, or on how a prompt is cut
-into chunks (tests/test_flash_prefill.py checks chunks against one pass bit for bit).
+into chunks. tests/test_flash_prefill.py checks chunks against one pass, and the kernel against an independent
+float32 replay of these steps (tests/flash_prefill_replay.py), bit for bit, the signs of zeros included.
 
 Against float64 its error is about half of HF's eager bfloat16 attention's (the scores stay in float32; eager
 rounds them to bfloat16). Against torch_ops.prefill_attention's bfloat16 blocks (eager on blocks of 64 queries),
-one layer, 2 threads, best of 3 (Zen 5): Qwen2.5-0.5B's heads (14 / 2, head size 64) at 512 tokens 1.5 against
-5.5 ms, at 4,096 69.6 against 291 ms (432 GFLOP/s of the two products), 32 queries over 4,096 keys (an engine
-chunk) 1.3 against 2.0 ms; Qwen1.5's 16 heads at 4,096 76.3 against 263 ms; the coder's 40 / 8 heads of 128 at
-1,024 20.9 against 37.5 ms (benchmarks/bench_prefill.py for whole prompts).
+one layer, 2 threads, best of 3 (Zen 5): Qwen2.5-0.5B's heads (14 / 2, head size 64) at 512 tokens 1.1 against
+5.2 ms, at 4,096 61.3 against 260 ms (490 GFLOP/s of the two products), 32 queries over 4,096 keys (an engine
+chunk) 1.1 against 1.7 ms; Qwen1.5's 16 heads at 4,096 70.8 against 222 ms; the coder's 40 / 8 heads of 128 at
+1,024 19.6 against 32.0 ms (benchmarks/bench_prefill.py for whole prompts).
 It needs the avx512_bf16 instruction to be fast; the backend uses it only where the CPU has it
 (invariant_linear.extension().native_bf16_pairs()).
 """
@@ -41,9 +45,11 @@ def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if t.dtype != torch.bfloat16 or t.device.type != "cpu":
             raise ValueError(f"flash_prefill: {name} is {t.dtype} on {t.device}; it takes bfloat16 on the CPU")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"flash_prefill: scale must be a number, got {type(scale).__name__}")
     B, H, T, D = q.shape
     if (k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or not k.shape[1] or H % k.shape[1]
-            or k.shape[2] < T or D % 64):
+            or k.shape[2] < T or not D or D % 64):
         raise ValueError(f"flash_prefill: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
                          "(want q [B, H, T, D], k and v [B, KV, S, D], T <= S, KV dividing H, D a multiple of 64)")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flash_prefill_replay import F32, fma32, replay
 
 from qwen_ref.models import torch_ops
 from qwen_ref_kernels.flash_prefill import flash_prefill, flash_prefill_ref
@@ -65,7 +66,59 @@ def test_chunks_of_a_prompt_give_the_one_pass_bits():
     for chunk in (32, 7, 64, 1):
         parts = [flash_prefill(q[:, :, t : t + chunk], k[:, :, : t + chunk], v[:, :, : t + chunk], 0.125)
                  for t in range(0, 250, chunk)]
-        assert torch.equal(torch.cat(parts, dim=2), whole), chunk
+        assert torch.equal(torch.cat(parts, dim=2).view(torch.int16), whole.view(torch.int16)), chunk  # -0 too
+
+
+def test_fma_emulation_of_the_replay_is_exact():
+    from fractions import Fraction
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b, c = ((rng.standard_normal(3000) * np.exp2(rng.integers(-40, 40, 3000))).astype(F32) for _ in range(3))
+    c[1000:2000] = (-(a[1000:2000].astype(np.float64) * b[1000:2000])).astype(F32)  # near-cancellations
+    got = fma32(a, b, c)
+    for x, y, z, r in zip(a, b, c, got):
+        exact = Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))
+        near = [np.nextafter(r, F32(-np.inf)), r, np.nextafter(r, F32(np.inf))]
+        assert abs(Fraction(float(r)) - exact) <= min(abs(Fraction(float(n)) - exact) for n in near)
+
+
+# (B, H, KV, T, S, D, input scale): one key, tiles of 6 queries that end inside a block of 64 keys, chunks after the
+# first, head size 128, large inputs (peaked softmax rows, a running maximum that moves between blocks)
+REPLAYED = [(1, 2, 1, 1, 1, 64, 1.0), (1, 2, 1, 7, 7, 64, 1.0), (1, 2, 1, 13, 70, 64, 1.0),
+            (1, 2, 1, 65, 130, 64, 1.0), (1, 2, 1, 3, 200, 64, 1.0), (1, 2, 1, 20, 140, 128, 1.0),
+            (1, 2, 1, 70, 200, 64, 4.0), (2, 4, 2, 2, 2, 64, 1.0)]
+
+
+@pytest.mark.parametrize(("B", "H", "KV", "T", "S", "D", "big"), REPLAYED)
+def test_the_documented_numbers_bit_for_bit(B, H, KV, T, S, D, big):
+    # an independent float32 replay of the module docstring's steps (tests/flash_prefill_replay.py) gives every bit,
+    # the signs of zeros included
+    g = torch.Generator().manual_seed(T * S)
+    q = (torch.randn(B, H, T, D, generator=g) * big).bfloat16()
+    k = (torch.randn(B, KV, S, D, generator=g) * big).bfloat16()
+    v = torch.randn(B, KV, S, D, generator=g).bfloat16()
+    if big > 1:
+        k[:, :, S // 2 :] *= 4  # later keys score higher: the running maximum moves
+    want = replay(*(t.float().numpy() for t in (q, k, v)), D**-0.5)
+    got = flash_prefill(q, k, v, D**-0.5).float().numpy()
+    assert (got.view("uint32") == want.view("uint32")).all()
+
+
+def test_no_key_past_a_querys_position_reaches_it():
+    # values so small that every product flushes (the sums are zeros, their signs set by the keys summed) and an
+    # infinite value at key 5: queries 0-4 must not see either, in one call or alone (0 * inf would be NaN)
+    q, k, v = _qkv(1, 2, 1, 13, 13, 64, seed=4)
+    v = v * 2.0**-120
+    v[0, 0, 5, 3] = float("inf")
+    together = flash_prefill(q, k, v, 0.125)
+    assert torch.isfinite(together[:, :, :5]).all() and not torch.isfinite(together[:, :, 5:, 3]).all()
+    for t in range(13):
+        alone = flash_prefill(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], 0.125)
+        assert torch.equal(alone.view(torch.int16), together[:, :, t : t + 1].view(torch.int16)), t
+    want = replay(*(t.float().numpy() for t in (q, k, v)), 0.125)
+    assert (together.float().numpy().view("uint32") == want.view("uint32")).all()
 
 
 def test_each_row_equals_the_row_alone():
@@ -85,6 +138,10 @@ def test_bad_inputs_name_the_problem():
         flash_prefill(q, k[:, :, :4], v[:, :, :4], 0.125)  # T > S
     with pytest.raises(ValueError, match=r"do not fit"):
         flash_prefill(q, k[:, :0], v[:, :0], 0.125)  # no KV heads
+    with pytest.raises(ValueError, match=r"do not fit"):
+        flash_prefill(q[..., :0], k[..., :0], v[..., :0], 0.125)  # D = 0
+    with pytest.raises(ValueError, match=r"scale must be a number, got str"):
+        flash_prefill(q, k, v, "0.125")
     with pytest.raises(ValueError, match=r"v must be a 4-d tensor"):
         flash_prefill(q, k, v[0], 0.125)
 
