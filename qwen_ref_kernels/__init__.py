@@ -4,10 +4,12 @@
     attention(q, k, v, *, causal=True, scale=None)      prefill: FlashAttention-2 forward, GQA, bottom-right causal
     decode_attention(q, k_cache, v_cache, seq_lens)     decode: split-KV flash-decoding over per-row cache lengths
 
-and a CPU kernel (C++, compiled on first use), imported from its module:
+and CPU kernels (C++, one module compiled on first use), each imported from its module:
 
     qwen_ref_kernels.invariant_linear.invariant_linear(x, weight, bias=None)
                                                         decode-step linear whose rows do not depend on the batch
+    qwen_ref_kernels.flash_prefill.flash_prefill(q, k, v, scale)
+                                                        bfloat16 causal prefill attention, one pass over the keys
 
 Triton picks compiler or interpreter when a kernel is decorated, i.e. when its module is first imported: on a machine
 without a GPU, set TRITON_INTERPRET=1 before the import and pass CPU tensors (see docs/kernels.md).
