@@ -9,7 +9,7 @@ and CPU kernels (C++, one module compiled on first use), each imported from its 
     qwen_ref_kernels.invariant_linear.invariant_linear(x, weight, bias=None)
                                                         decode-step linear whose rows do not depend on the batch
     qwen_ref_kernels.flash_prefill.flash_prefill(q, k, v, scale)
-                                                        bfloat16 causal prefill attention, one pass over the keys
+                                                        bfloat16 or float16 causal prefill attention, one pass
 
 Triton picks compiler or interpreter when a kernel is decorated, i.e. when its module is first imported: on a machine
 without a GPU, set TRITON_INTERPRET=1 before the import and pass CPU tensors (see docs/kernels.md).

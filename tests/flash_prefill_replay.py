@@ -42,6 +42,12 @@ def bf16_round(x):
     return np.where(nan, np.uint32(0x7FC00000), r).astype(np.uint32).view(F32)
 
 
+def f16_round(x):
+    """float32 -> float16 value (as float32), to nearest even (numpy's conversion rounds correctly)"""
+    with np.errstate(all="ignore"):
+        return np.asarray(x, F32).astype(np.float16).astype(F32)
+
+
 def dot_pair(x_even, x_odd, w_even, w_odd, acc):
     """VDPBF16PS for one pair, as documented: odd product first, every input and result flushed"""
     acc = flush(fma32(flush(x_odd), flush(w_odd), flush(acc)))
@@ -84,8 +90,10 @@ def hsum64(p):
 
 
 # ---------------------------------------------------------------- the documented attention, one (row, head)
-def replay_head(q, k, v, scale):
-    """q [T, D], k, v [S, D] float32 arrays holding bfloat16 values -> out [T, D] float32 holding bfloat16 values"""
+def replay_head(q, k, v, scale, half=False):
+    """q [T, D], k, v [S, D] float32 arrays holding bfloat16 (half: float16) values -> out [T, D] float32 holding
+    bfloat16 (float16) values"""
+    rnd = f16_round if half else bf16_round
     T, D = q.shape
     S = k.shape[0]
     KB = 64
@@ -99,8 +107,12 @@ def replay_head(q, k, v, scale):
     vp[:S] = v
     # scores: [T, Spad], the head size in pairs ascending, odd element first
     acc = np.zeros((T, Spad), F32)
-    for p in range(D // 2):
-        acc = dot_pair(q[:, 2 * p, None], q[:, 2 * p + 1, None], kp[None, :, 2 * p], kp[None, :, 2 * p + 1], acc)
+    if half:  # the head size in order, one fma each
+        for d in range(D):
+            acc = fma32(q[:, d, None], kp[None, :, d], acc)
+    else:
+        for p in range(D // 2):
+            acc = dot_pair(q[:, 2 * p, None], q[:, 2 * p + 1, None], kp[None, :, 2 * p], kp[None, :, 2 * p + 1], acc)
     t_all = (acc * scale).astype(F32)
     # per-row block counts and per-(row, block) pair counts
     nblocks = pos // KB + 1  # each row takes the blocks that hold its keys
@@ -117,12 +129,18 @@ def replay_head(q, k, v, scale):
             mb = t.max(axis=1)
             mn = np.maximum(m, mb)
             a = exp16((m - mn).astype(F32))
-            p = bf16_round(exp16((t - mn[:, None]).astype(F32)))
+            p = rnd(exp16((t - mn[:, None]).astype(F32)))
             l_new = ((l * a).astype(F32) + hsum64(p)).astype(F32)
             on = (o * a[:, None]).astype(F32)
             nkeys = np.clip(last_key - b * KB + 1, 0, KB)
-            pairs = (nkeys + 1) // 2
-            for jp in range(KB // 2):
+            if half:  # key by key, one fma each
+                for j in range(KB):
+                    use = live & (j < nkeys)
+                    if not use.any():
+                        break
+                    on = np.where(use[:, None], fma32(p[:, j, None], vp[None, b * KB + j, :], on), on)
+            pairs = 0 if half else (nkeys + 1) // 2
+            for jp in range(0 if half else KB // 2):
                 use = live & (jp < pairs)
                 if not use.any():
                     break
@@ -133,15 +151,15 @@ def replay_head(q, k, v, scale):
             m = np.where(live, mn, m)
             l = np.where(live, l_new, l)
             o = np.where(live[:, None], on, o)
-        return bf16_round((o / l[:, None]).astype(F32))
+        return rnd((o / l[:, None]).astype(F32))
 
 
-def replay(q, k, v, scale):
+def replay(q, k, v, scale, half=False):
     """torch-free: q [B, H, T, D], k, v [B, KV, S, D] float32 numpy arrays of bfloat16 values"""
     B, H = q.shape[:2]
     G = H // k.shape[1]
     out = np.zeros(q.shape, F32)
     for b in range(B):
         for h in range(H):
-            out[b, h] = replay_head(q[b, h], k[b, h // G], v[b, h // G], scale)
+            out[b, h] = replay_head(q[b, h], k[b, h // G], v[b, h // G], scale, half)
     return out

@@ -1,10 +1,12 @@
-"""The C++ bfloat16 flash attention for prefill (qwen_ref_kernels/flash_prefill.py) against float64 and itself.
+"""The C++ flash attention for bfloat16 and float16 prefill (qwen_ref_kernels/flash_prefill.py) against float64 and
+itself.
 
-Tolerance: the error against float64 may be at most 1.5x that of HF's eager bfloat16 attention (torch_ops.attention,
-which rounds the scores to bfloat16 where this kernel keeps them in float32; measured about half of it) plus 4 units
-of bfloat16 rounding at the output scale. A wrong mask, key range, GQA head or rescaling is an error of the order of
-the outputs. Bits: a query's numbers depend only on its row and position, so batches, chunks and tiles of queries
-are checked bit for bit.
+Tolerance: the error against float64 may be at most 1.5x that of HF's eager attention in the same dtype
+(torch_ops.attention, which rounds the scores to the dtype where this kernel keeps them in float32; measured about
+half of it) plus 4 units of the dtype's rounding at the output scale. A wrong mask, key range, GQA head or
+rescaling is an error of the order of the outputs. Bits: a query's numbers depend only on its row and position, so
+batches, chunks and tiles of queries are checked bit for bit, and an independent replay of the documented steps
+gives every bit.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from qwen_ref.models import torch_ops
 from qwen_ref_kernels.flash_prefill import flash_prefill, flash_prefill_ref
 from qwen_ref_kernels.invariant_linear import extension
 
+DTYPES = [torch.bfloat16, torch.float16]
+UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # a rounding unit of the output
 
-def _qkv(B, H, KV, T, S, D, seed, scale=1.0):
+
+def _qkv(B, H, KV, T, S, D, seed, scale=1.0, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(B, T, H, D, generator=g) * scale).bfloat16().transpose(1, 2)  # [B, H, T, D] as the model's
-    k = (torch.randn(B, KV, S + 5, D, generator=g) * scale).bfloat16()[:, :, :S]  # a cache's view with room left
-    v = torch.randn(B, KV, S + 5, D, generator=g).bfloat16()[:, :, :S]
+    q = (torch.randn(B, T, H, D, generator=g) * scale).to(dtype).transpose(1, 2)  # [B, H, T, D] as the model's
+    k = (torch.randn(B, KV, S + 5, D, generator=g) * scale).to(dtype)[:, :, :S]  # a cache's view with room left
+    v = torch.randn(B, KV, S + 5, D, generator=g).to(dtype)[:, :, :S]
     return q, k, v
 
 
@@ -32,36 +37,39 @@ SHAPES = [(14, 2, 300, 300, 64), (16, 16, 200, 200, 64), (40, 8, 130, 130, 128),
           (14, 2, 1, 9, 64), (14, 2, 32, 32, 64), (2, 1, 7, 7, 64), (2, 2, 1, 1, 128), (4, 2, 65, 129, 64)]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("H", "KV", "T", "S", "D"), SHAPES)
-def test_error_is_within_that_of_the_eager_path(H, KV, T, S, D):
-    q, k, v = _qkv(2, H, KV, T, S, D, seed=T + S)
+def test_error_is_within_that_of_the_eager_path(H, KV, T, S, D, dtype):
+    q, k, v = _qkv(2, H, KV, T, S, D, seed=T + S, dtype=dtype)
     scale = D**-0.5
     ref = flash_prefill_ref(q, k, v, scale)
     eager64 = torch_ops.attention(q.double(), k.double(), v.double(), None, None, scale)
     torch.testing.assert_close(ref, eager64, rtol=0, atol=1e-12)  # the reference is the model's attention
     out = flash_prefill(q, k, v, scale)
-    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert out.shape == q.shape and out.dtype == dtype
     ours = (out.double() - ref).abs().max().item()
     eager = (torch_ops.attention(q, k, v, None, None, scale).double() - ref).abs().max().item()
-    assert ours <= 1.5 * eager + 4 * 2.0**-8 * ref.abs().max().item(), (ours, eager)
+    assert ours <= 1.5 * eager + 4 * UNIT[dtype] * ref.abs().max().item(), (ours, eager)
 
 
-def test_peaked_scores_and_a_running_maximum_that_moves():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_peaked_scores_and_a_running_maximum_that_moves(dtype):
     # large scores (the softmax near one-hot) and rows whose largest score comes late, after blocks whose maximum
     # was smaller: the running rescaling must carry the early blocks exactly
-    q, k, v = _qkv(1, 4, 2, 200, 200, 64, seed=3, scale=3.0)
+    q, k, v = _qkv(1, 4, 2, 200, 200, 64, seed=3, scale=3.0, dtype=dtype)
     k[:, :, 150:] *= 4  # later keys score higher
     scale = 64**-0.5
     ref = flash_prefill_ref(q, k, v, scale)
     ours = (flash_prefill(q, k, v, scale).double() - ref).abs().max().item()
     eager = (torch_ops.attention(q, k, v, None, None, scale).double() - ref).abs().max().item()
-    assert ours <= 1.5 * eager + 4 * 2.0**-8 * ref.abs().max().item(), (ours, eager)
+    assert ours <= 1.5 * eager + 4 * UNIT[dtype] * ref.abs().max().item(), (ours, eager)
 
 
-def test_chunks_of_a_prompt_give_the_one_pass_bits():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunks_of_a_prompt_give_the_one_pass_bits(dtype):
     # the engine prefills in chunks at fixed offsets: each chunk's queries are the last T of the keys so far, and
     # a query's numbers are those of the whole prompt in one pass, bit for bit (any chunk size, any tile)
-    q, k, v = _qkv(1, 14, 2, 250, 250, 64, seed=1)
+    q, k, v = _qkv(1, 14, 2, 250, 250, 64, seed=1, dtype=dtype)
     whole = flash_prefill(q, k, v, 0.125)
     for chunk in (32, 7, 64, 1):
         parts = [flash_prefill(q[:, :, t : t + chunk], k[:, :, : t + chunk], v[:, :, : t + chunk], 0.125)
@@ -91,33 +99,36 @@ REPLAYED = [(1, 2, 1, 1, 1, 64, 1.0), (1, 2, 1, 7, 7, 64, 1.0), (1, 2, 1, 13, 70
             (1, 2, 1, 70, 200, 64, 4.0), (2, 4, 2, 2, 2, 64, 1.0)]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("B", "H", "KV", "T", "S", "D", "big"), REPLAYED)
-def test_the_documented_numbers_bit_for_bit(B, H, KV, T, S, D, big):
+def test_the_documented_numbers_bit_for_bit(B, H, KV, T, S, D, big, dtype):
     # an independent float32 replay of the module docstring's steps (tests/flash_prefill_replay.py) gives every bit,
     # the signs of zeros included
     g = torch.Generator().manual_seed(T * S)
-    q = (torch.randn(B, H, T, D, generator=g) * big).bfloat16()
-    k = (torch.randn(B, KV, S, D, generator=g) * big).bfloat16()
-    v = torch.randn(B, KV, S, D, generator=g).bfloat16()
+    q = (torch.randn(B, H, T, D, generator=g) * big).to(dtype)
+    k = (torch.randn(B, KV, S, D, generator=g) * big).to(dtype)
+    v = torch.randn(B, KV, S, D, generator=g).to(dtype)
     if big > 1:
         k[:, :, S // 2 :] *= 4  # later keys score higher: the running maximum moves
-    want = replay(*(t.float().numpy() for t in (q, k, v)), D**-0.5)
+    want = replay(*(t.float().numpy() for t in (q, k, v)), D**-0.5, half=dtype == torch.float16)
     got = flash_prefill(q, k, v, D**-0.5).float().numpy()
     assert (got.view("uint32") == want.view("uint32")).all()
 
 
-def test_no_key_past_a_querys_position_reaches_it():
-    # values so small that every product flushes (the sums are zeros, their signs set by the keys summed) and an
-    # infinite value at key 5: queries 0-4 must not see either, in one call or alone (0 * inf would be NaN)
-    q, k, v = _qkv(1, 2, 1, 13, 13, 64, seed=4)
-    v = v * 2.0**-120
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_key_past_a_querys_position_reaches_it(dtype):
+    # values so small that every product flushes or underflows (the sums are zeros, their signs set by the keys
+    # summed) and an infinite value at key 5: queries 0-4 must not see either, in one call or alone (0 * inf would
+    # be NaN)
+    q, k, v = _qkv(1, 2, 1, 13, 13, 64, seed=4, dtype=dtype)
+    v = v * (2.0**-120 if dtype == torch.bfloat16 else 2.0**-20)
     v[0, 0, 5, 3] = float("inf")
     together = flash_prefill(q, k, v, 0.125)
     assert torch.isfinite(together[:, :, :5]).all() and not torch.isfinite(together[:, :, 5:, 3]).all()
     for t in range(13):
         alone = flash_prefill(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], 0.125)
         assert torch.equal(alone.view(torch.int16), together[:, :, t : t + 1].view(torch.int16)), t
-    want = replay(*(t.float().numpy() for t in (q, k, v)), 0.125)
+    want = replay(*(t.float().numpy() for t in (q, k, v)), 0.125, half=dtype == torch.float16)
     assert (together.float().numpy().view("uint32") == want.view("uint32")).all()
 
 
@@ -130,8 +141,10 @@ def test_each_row_equals_the_row_alone():
 
 def test_bad_inputs_name_the_problem():
     q, k, v = _qkv(1, 4, 2, 8, 8, 64, seed=0)
-    with pytest.raises(ValueError, match=r"q is torch\.float32 on cpu; it takes bfloat16"):
+    with pytest.raises(ValueError, match=r"q is torch\.float32 on cpu; it takes bfloat16 or float16"):
         flash_prefill(q.float(), k, v, 0.125)
+    with pytest.raises(ValueError, match=r"k is torch\.float16 on cpu; it takes bfloat16 or float16 \(as q\)"):
+        flash_prefill(q, k.half(), v, 0.125)
     with pytest.raises(ValueError, match=r"do not fit"):
         flash_prefill(q[..., :32], k[..., :32], v[..., :32], 0.125)  # D = 32
     with pytest.raises(ValueError, match=r"do not fit"):
@@ -146,13 +159,14 @@ def test_bad_inputs_name_the_problem():
         flash_prefill(q, k, v[0], 0.125)
 
 
-def test_the_bfloat16_default_backend_prefills_with_it(tiny, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_default_backend_prefills_with_it(tiny, monkeypatch, dtype):
     import qwen_ref
     from qwen_ref_kernels import flash_prefill as module
 
-    model = qwen_ref.load(tiny("qwen2.5-coder-32b-shape"), dtype="bfloat16").model  # head size 128
-    if model.backends.name != "invariant" or not extension().native_bf16_pairs():
-        pytest.skip("the C++ flash attention runs in the invariant backend on CPUs with avx512_bf16")
+    model = qwen_ref.load(tiny("qwen2.5-coder-32b-shape"), dtype=dtype).model  # head size 128
+    if model.backends.name != "invariant" or (dtype == "bfloat16" and not extension().native_bf16_pairs()):
+        pytest.skip("the C++ flash attention runs in the invariant backend (bfloat16: on CPUs with avx512_bf16)")
     calls = []
     monkeypatch.setattr(module, "flash_prefill", lambda *a: calls.append(a[0].shape) or flash_prefill(*a))
     with torch.inference_mode():

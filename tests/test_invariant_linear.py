@@ -182,7 +182,7 @@ def test_a_build_without_avx512_gives_the_same_bits():
     # the scalar steps a CPU without AVX-512 runs (fmaf per lane, the bfloat16 pairs' steps spelled out instead of
     # VDPBF16PS, float16 widened one by one, outputs rounded by c10's conversions) against this CPU's vector build,
     # in every dtype: linears (bfloat16 weights down to subnormals, which the pair steps read as zero), attention,
-    # RMSNorm, and the bfloat16 flash prefill. One build serves both checks (each build costs most of a minute).
+    # RMSNorm, and the flash prefill. One build serves both checks (each build costs most of a minute).
     from pathlib import Path
 
     from torch.utils.cpp_extension import load_inline
@@ -210,9 +210,10 @@ def test_a_build_without_avx512_gives_the_same_bits():
         assert torch.equal(scalar.attend_rows(q, [k, k], [v, v], 0.125), want), dtype
         x, w = (torch.randn(3, 100, generator=g) * 5).to(dtype), torch.randn(100, generator=g).to(dtype)
         assert torch.equal(scalar.rms_norm_rows(x, w, 1e-6), vector.rms_norm_rows(x, w, 1e-6)), dtype
-    q = torch.randn(1, 4, 70, 64, generator=g).bfloat16()
-    k, v = (torch.randn(1, 2, 90, 64, generator=g).bfloat16() for _ in range(2))
-    assert torch.equal(scalar.flash_prefill(q, k, v, 0.125), vector.flash_prefill(q, k, v, 0.125))
+    for dtype in (torch.bfloat16, torch.float16):
+        q = torch.randn(1, 4, 70, 64, generator=g).to(dtype)
+        k, v = (torch.randn(1, 2, 90, 64, generator=g).to(dtype) for _ in range(2))
+        assert torch.equal(scalar.flash_prefill(q, k, v, 0.125), vector.flash_prefill(q, k, v, 0.125)), dtype
 
 
 def test_bad_inputs_name_the_problem():

@@ -154,11 +154,11 @@ def _invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> to
 
 
 def _invariant_prefill_attention(q, k, v, q_pos, window, scale):
-    # bfloat16 prompts (queries that are the last T of their keys, no window) through the C++ flash attention
-    # (qwen_ref_kernels/flash_prefill.py), where the CPU has the bfloat16 pair instruction it is built on; the rest
-    # torch_ops.prefill_attention
-    if (q.dtype == torch.bfloat16 and q_pos is None and window is None and q.shape[-1] % 64 == 0
-            and q.device.type == "cpu" and _native_bf16()):
+    # bfloat16 and float16 prompts (queries that are the last T of their keys, no window) through the C++ flash
+    # attention (qwen_ref_kernels/flash_prefill.py); bfloat16 only where the CPU has the pair instruction it is
+    # built on; the rest torch_ops.prefill_attention
+    if (q_pos is None and window is None and q.shape[-1] % 64 == 0 and q.device.type == "cpu"
+            and (q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and _native_bf16()))):
         from qwen_ref_kernels.flash_prefill import flash_prefill
 
         return flash_prefill(q, k, v, scale)
