@@ -1,17 +1,21 @@
-// Causal prefill attention in bfloat16 on the CPU, one pass over the keys per block of queries (a flash attention:
-// no score matrix in memory, the softmax taken online, key blocks above the diagonal never read). Compiled after
-// invariant_linear.cpp, in the same module: it uses that file's vectors (vf, vu), dot_pairs and as_dtype.
+// Causal prefill attention in bfloat16 and float16 on the CPU, one pass over the keys per block of queries (a flash
+// attention: no score matrix in memory, the softmax taken online, key blocks above the diagonal never read).
+// Compiled after invariant_linear.cpp, in the same module: it uses that file's vectors (vf, vu), step (dot_pairs,
+// fmadd), hsum and as_dtype.
 //
-// Numbers, for query i of a row (position S - T + i among the row's S keys) and one head:
-//   s_j   = q . k_j in float32: the head size in pairs (2p, 2p + 1), p ascending, each pair as dot_pairs (the
-//           VDPBF16PS steps: the odd element's product first, subnormals read as zero), then t_j = s_j * scale
+// Numbers, for query i of a row (position S - T + i among the row's S keys) and one head; bfloat16 below means
+// float16 for float16 inputs:
+//   s_j   = q . k_j in float32: bfloat16, the head size in pairs (2p, 2p + 1), p ascending, each pair as dot_pairs
+//           (the VDPBF16PS steps: the odd element's product first, subnormals read as zero); float16, the head
+//           size in order, one fmadd each; then t_j = s_j * scale
 //   keys j <= S - T + i, in the blocks of 64 from key 0 that hold any of them; per block, with m the running
 //   maximum of the t_j so far (m starts at -inf, l at 0, o at 0):
 //           m' = max(m, max of the block's t_j); a = exp(m - m')
 //           p_j = bfloat16(exp(t_j - m')), rounded to nearest even; masked keys p_j = 0
 //           l = l * a + (the block's p_j summed as 16 lanes of 4 steps, folded in halves)
-//           o_d = o_d * a + sum of p_j v_jd over the block's keys j <= S - T + i in pairs (2j', 2j' + 1) as
-//           dot_pairs; a last key alone in its pair is paired with a zero key (p = 0, v = 0)
+//           o_d = o_d * a + sum of p_j v_jd over the block's keys j <= S - T + i: bfloat16 in pairs (2j', 2j' + 1)
+//           as dot_pairs, a last key alone in its pair paired with a zero key (p = 0, v = 0); float16 key by key,
+//           one fmadd each
 //   out_d = bfloat16(o_d / l)
 // exp is exp16 below (a polynomial, within 2 units in the last place of float32; 0 below -87). Every step is
 // written out, so the result is the same in any batch and on any CPU with the instruction (without it, dot_pairs'
@@ -51,14 +55,6 @@ inline float hmax(vf v) {  // the largest lane, folded in halves (the order cann
   return v[0];
 }
 
-inline float hsum(vf v) {  // lanes folded in halves: lane j += lane j + 8, + 4, + 2, + 1
-  v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  return v[0];
-}
-
 // What the tiles multiply, by input type: bfloat16 in words of two elements (a pair, for VDPBF16PS), float16 in
 // words of one element widened to float32 (for fmadd); step() (invariant_linear.cpp) takes either's vectors
 template <typename T>
@@ -79,10 +75,10 @@ struct Words<f16> {
   static W of(const f16* p) { return static_cast<float>(p[0]); }
   static vf broadcast(W w) { return vf{} + w; }
   static vf load(const W* p) { return ::load(p); }
-  static vf first_only(vf v) { return v; }
 };
 
 constexpr int KB = 64;  // keys per block: 4 vectors of 16 scores
+constexpr int DB = 4 * L;  // columns of the output per block_values call: 4 vectors
 constexpr int QB = 6;   // queries per tile: 6 x 4 sums, 4 key (or value) vectors and a broadcast in 29 registers
 
 // One KV head's keys and values repacked for the tiles, in words (E elements each): keys [S/64][D/E][64] (for key
@@ -133,9 +129,9 @@ inline void block_scores(const typename Words<T>::W* const* q, const typename Wo
     for (int c = 0; c < 4; ++c) out[r][c] = acc[r][c];
 }
 
-// o[r][d0 .. d0 + 64] = o * a[r] + the block's probabilities (bfloat16, pairs of keys) times its values, over the
-// block's first `keys` keys. An odd last key is paired with a zero key (its partner's value read as 0), so that no
-// key past a row's position enters its sum (0 * inf would be NaN; 0 * v could turn a -0 sum into +0).
+// o[r][d0 .. d0 + DB] = o * a[r] + the block's probabilities (in words) times its values, over the block's first
+// `keys` keys. In bfloat16 an odd last key is paired with a zero key (its partner's value read as 0), so that no key
+// past a row's position enters its sum (0 * inf would be NaN; 0 * v could turn a -0 sum into +0).
 template <int R, typename T>
 inline void block_values(const typename Words<T>::W* probs, const typename Words<T>::W* vb, int64_t keys, int64_t D,
                          int64_t d0, const float* a, float* o) {
@@ -147,8 +143,9 @@ inline void block_values(const typename Words<T>::W* probs, const typename Words
   for (int64_t jw = 0; jw < (keys + E - 1) / E; ++jw) {
     decltype(Wd::load(vb)) vv[4];
     for (int c = 0; c < 4; ++c) vv[c] = Wd::load(vb + jw * D + d0 + c * L);
-    if (E * jw + 1 == keys && E == 2)
-      for (int c = 0; c < 4; ++c) vv[c] = Wd::first_only(vv[c]);  // the pair's odd key is past the last
+    if constexpr (E == 2)
+      if (E * jw + 1 == keys)
+        for (int c = 0; c < 4; ++c) vv[c] = Wd::first_only(vv[c]);  // the pair's odd key is past the last
     for (int r = 0; r < R; ++r) {
       const auto pp = Wd::broadcast(probs[r * KB / E + jw]);
       for (int c = 0; c < 4; ++c) acc[r][c] = step(pp, vv[c], acc[r][c]);
@@ -209,12 +206,12 @@ void query_tile(const T* const* qrows, const Packed<T>& kv, int64_t D, int64_t f
     // see whole in one call, else row by row (the blocks on the diagonal: at most two of a tile's)
     const W* vb = kv.v.data() + b * KB / E * D;
     if (first - b * KB >= KB - 1) {
-      for (int64_t d0 = 0; d0 < D; d0 += KB) block_values<R, T>(probs, vb, KB, D, d0, a, o.data());
+      for (int64_t d0 = 0; d0 < D; d0 += DB) block_values<R, T>(probs, vb, KB, D, d0, a, o.data());
     } else {
       for (int r = 0; r < R; ++r) {
         const int64_t keys = std::min<int64_t>(KB, first + r - b * KB + 1);
         if (keys <= 0) continue;  // a block past the row's position: its m, l and o stay (a = 1, no keys)
-        for (int64_t d0 = 0; d0 < D; d0 += KB)
+        for (int64_t d0 = 0; d0 < D; d0 += DB)
           block_values<1, T>(probs + r * KB / E, vb, keys, D, d0, a + r, o.data() + r * D);
       }
     }
@@ -223,9 +220,8 @@ void query_tile(const T* const* qrows, const Packed<T>& kv, int64_t D, int64_t f
     for (int64_t d0 = 0; d0 < D; d0 += L) store16(out[r] + d0, load(o.data() + r * D + d0) / l[r]);
 }
 
-// q [B, H, T, D], k and v [B, KV, S, D] (last dimension contiguous), bfloat16, D a multiple of 64, H a multiple of
-// KV; row b's queries are the last T of its S keys (causal, no padding, no window) -> [B, H, T, D] contiguous
-template <typename X>  // the element type (T is the number of queries)
+// flash_prefill's work for element type X (T is the number of queries): each KV head packed once, then the tiles
+template <typename X>
 void run_flash_prefill(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
                        torch::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2);
@@ -286,7 +282,7 @@ torch::Tensor flash_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v, d
                   k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && q.device().is_cpu(),
               "flash_prefill: want bfloat16 or float16 q [B, H, T, D] and k, v [B, KV, S, D] on the CPU, T <= S, D a "
               "multiple of 64, the last dimension contiguous");
-  torch::Tensor out = torch::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  torch::Tensor out = torch::empty(q.sizes(), q.options());
   if (q.scalar_type() == torch::kHalf)
     run_flash_prefill<f16>(q, k, v, scale, out);
   else

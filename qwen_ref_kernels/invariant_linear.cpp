@@ -89,6 +89,16 @@ inline vu load_step(const bf16* p) { return load_pairs(p); }
 inline vf step(vf x, vf w, vf acc) { return fmadd(x, w, acc); }
 inline vf step(vu x, vu w, vf acc) { return dot_pairs(x, w, acc); }
 
+// The 16 lanes of one vector summed, folded in halves: lane j += lane j + 8, then + 4, + 2, + 1 (RMSNorm's squares,
+// the flash prefill's probabilities)
+inline float hsum(vf v) {
+  v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
 // The lanes of 16 accumulators folded in halves, a fixed order for each: lane j += lane j + 8, then + 4, + 2, + 1;
 // lane o of the result is accumulator o's sum. Two accumulators share each vector add (15 adds for 16 sums).
 inline vf fold16(const vf* a) {
@@ -710,11 +720,7 @@ void rms_rows(const T* x, const T* w, int64_t M, int64_t K, float eps, T* y) {
         const vf v = load16(xr + i);
         acc = fmadd(v, v, acc);
       }
-      acc = acc + __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-      acc = acc + __builtin_shufflevector(acc, acc, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-      acc = acc + __builtin_shufflevector(acc, acc, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-      acc = acc + __builtin_shufflevector(acc, acc, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-      float ss = acc[0];
+      float ss = hsum(acc);
       for (; i < K; ++i) ss = __builtin_fmaf(widen(xr[i]), widen(xr[i]), ss);
       const float r = 1.0f / std::sqrt(ss / static_cast<float>(K) + eps);
       T* yr = y + m * K;

@@ -11,7 +11,7 @@
 
 torch (models/torch_ops.py) is the reference. Triton (qwen_ref_kernels) replaces RMSNorm and attention;
 the batch-invariant CPU kernel replaces the decode-step linears, and its backend (the default on the CPU) prefills
-without the work above the diagonal (torch_ops.prefill_attention; bfloat16: the C++ flash attention,
+without the work above the diagonal (torch_ops.prefill_attention; bfloat16 and float16: the C++ flash attention,
 qwen_ref_kernels/flash_prefill.py). The rules that keep the reference's meaning:
 float64 always runs the torch ops (it is the ground truth), and so do sliding-window layers (the Triton
 kernels have no window).
