@@ -281,11 +281,15 @@ def test_the_one_call_decoder_layer_is_the_layer_op_by_op(tiny, preset, dtype):
         assert all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v))
 
 
-def test_float32_and_float16_prefill_linears_run_the_kernel_in_blocks_of_rows(tiny):
+def test_float32_and_float16_prefill_linears_run_the_kernel_in_blocks_of_rows(tiny, monkeypatch):
     # a float32 or float16 prompt longer than one call's rows: the kernel in blocks of KERNEL_PREFILL_ROWS, each row
-    # the bits of that row alone; bfloat16 prefill longer than BF16_KERNEL_ROWS keeps BLAS (F.linear's bits)
+    # the bits of that row alone; bfloat16 prefill longer than BF16_KERNEL_ROWS keeps BLAS (F.linear's bits), and
+    # so does all of it on a CPU with AMX (test_prefill_attention.py)
+    from qwen_ref.models import backends
     from qwen_ref.models.backends import BF16_KERNEL_ROWS, KERNEL_PREFILL_ROWS
     from qwen_ref_kernels.invariant_linear import invariant_linear
+
+    monkeypatch.setattr(backends, "torch_bf16_prefill", lambda: False)
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         model = load(tiny("qwen2.5"), dtype=str(dtype)[6:]).model

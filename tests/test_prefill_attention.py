@@ -1,10 +1,12 @@
-"""torch_ops.prefill_attention, the default backend's prefill attention, against attention() and float64.
+"""torch_ops.prefill_attention and sdpa_prefill, the default backend's prefill attention, against attention() and
+float64.
 
 Tolerance: the error against float64 may be at most 1.5x attention()'s own (the eager path, HF's arithmetic) plus
-4 units of rounding at the output scale. Both compute the same sums: in float32 torch's flash kernel sums them in
-other orders; in bfloat16 the blocks are attention()'s own arithmetic over shorter softmax rows (the masked keys
-they leave out contribute exact zeros). A wrong mask, a wrong key range or a misread GQA head would be errors of
-the order of the outputs themselves.
+4 units of rounding at the output scale. Both compute the same sums: torch's flash kernel (sdpa_prefill, float32
+prefill_attention) sums them in other orders, in bfloat16 with float32 scores and bfloat16 probabilities; the
+bfloat16 blocks are attention()'s own arithmetic over shorter softmax rows (the masked keys they leave out
+contribute exact zeros). A wrong mask, a wrong key range or a misread GQA head would be errors of the order of the
+outputs themselves.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from qwen_ref.models import torch_ops
-from qwen_ref.models.torch_ops import attention, prefill_attention
+from qwen_ref.models.torch_ops import attention, prefill_attention, sdpa_prefill
 
 
 def _qkv(B, H, KV, T, S, D, dtype, seed):
@@ -35,12 +37,14 @@ SHAPES = [(14, 2, 300, 300, 64), (16, 16, 200, 200, 64), (40, 8, 130, 130, 128),
 
 
 @pytest.mark.parametrize(("H", "KV", "T", "S", "D"), SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_error_is_that_of_the_eager_path(H, KV, T, S, D, dtype):
+@pytest.mark.parametrize(("dtype", "op"), [(torch.float32, "prefill_attention"), (torch.bfloat16, "prefill_attention"),
+                                           (torch.bfloat16, "sdpa_prefill")])
+def test_error_is_that_of_the_eager_path(H, KV, T, S, D, dtype, op):
     q, k, v = _qkv(1, H, KV, T, S, D, dtype, seed=T + S)
     scale = D**-0.5
     ref = attention(q.double(), k.double(), v.double(), None, None, scale)
-    ours = _error(prefill_attention(q, k, v, None, None, scale), ref)
+    run = prefill_attention if op == "prefill_attention" else lambda *a: sdpa_prefill(*a[:3], a[-1])
+    ours = _error(run(q, k, v, None, None, scale), ref)
     eager = _error(attention(q, k, v, None, None, scale), ref)
     unit = 2.0**-24 if dtype == torch.float32 else 2.0**-8
     assert ours <= 1.5 * eager + 4 * unit * ref.abs().max().item(), (ours, eager)
@@ -124,3 +128,38 @@ def test_the_default_backend_prefills_with_it(tiny):
         b = exact(ids, cache=exact.new_cache(1, 60))
     # float32 rounding through the tiny model's layers, at the logits' scale
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bfloat16_prefill_on_cpus_with_amx_is_torchs(tiny, monkeypatch, amx):
+    # where torch_bf16_prefill() (a CPU with AMX), a bfloat16 prompt's linears are BLAS's at any length and its
+    # attention is sdpa_prefill; decode steps keep the kernel. Elsewhere a chunk of up to BF16_KERNEL_ROWS tokens
+    # runs the kernel. Either way the logits are the torch backend's up to bfloat16 rounding.
+    import qwen_ref
+    from qwen_ref.models import backends
+
+    model = qwen_ref.load(tiny("qwen2.5"), dtype="bfloat16").model
+    if model.backends.name != "invariant":
+        pytest.skip(f"the default backend here is {model.backends.name}")
+    monkeypatch.setattr(backends, "torch_bf16_prefill", lambda: amx)
+    blas, sdpa, kernel = [], [], []
+    torch_linear, unchecked = torch_ops.linear, backends.linears_unchecked
+    monkeypatch.setattr(torch_ops, "linear", lambda x, layers: blas.append(x.shape[:2]) or torch_linear(x, layers))
+    monkeypatch.setattr(torch_ops, "sdpa_prefill", lambda *a: sdpa.append(a[0].shape) or sdpa_prefill(*a))
+    monkeypatch.setattr(backends, "linears_unchecked", lambda x, *a: kernel.append(len(x)) or unchecked(x, *a))
+    ids = torch.randint(0, 1000, (1, 21), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache = model.new_cache(1, 21)
+        prompt = model(ids[:, :20], cache=cache)
+        model(ids[:, 20:], cache=cache)  # a decode step
+    layers = model.config.num_hidden_layers
+    prompt_calls = 4 * layers + 1  # per layer q/k/v, o_proj, gate/up, down_proj; then the lm_head
+    assert sdpa == ([(1, model.config.num_attention_heads, 20, model.config.head_dim)] * layers if amx else [])
+    assert blas == ([(1, 20)] * prompt_calls if amx else [])
+    # the decode step's layers run decode_layer, one C++ call each; its lm_head is the kernel's
+    assert kernel == ([1] if amx else [20] * prompt_calls + [1])
+    reference = qwen_ref.load(tiny("qwen2.5"), dtype="bfloat16", decode_linear="torch").model
+    with torch.inference_mode():
+        want = reference(ids[:, :20], cache=reference.new_cache(1, 20))
+    # bfloat16 rounding through the tiny model's layers, at the logits' scale
+    assert (prompt.float() - want.float()).abs().max().item() <= 0.05 * want.float().abs().max().item()

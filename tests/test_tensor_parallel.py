@@ -42,15 +42,22 @@ def test_tensor_parallel_logits_equal_one_rank(tiny, tmp_path, preset, world, dt
     ("qwen2.5-coder-32b-shape", 2, torch.bfloat16), ("qwen1.5", 4, torch.float64),
 ])
 def test_exact_order_is_one_rank_bit_for_bit(tiny, tmp_path, preset, world, dtype):
-    # exact=True: each layer runs with its weights gathered whole, so every op has the one-rank shapes
+    # exact=True: each layer runs with its weights gathered whole, so every op has the one-rank shapes. One rank
+    # runs with the ranks' one thread: a BLAS's bits may depend on its thread count (MKL's float32 product of 40
+    # rows by 1,280 -> 64 columns, the coder preset's o_proj, splits its sums over 2 threads on an Intel Xeon)
     out = tmp_path / "logits.pt"
     spawn(rank_logits, world, str(tiny(preset)), dtype, IDS, str(out), True, timeout_s=60)
     got = torch.load(out)
     one = qwen_ref.load(tiny(preset), dtype=str(dtype).removeprefix("torch."), decode_linear="torch")
     x = torch.tensor([IDS])
-    with torch.inference_mode():
-        assert torch.equal(got["full"], one.model(x))
-        assert torch.equal(got["cached"], cached_logits(one.model, x, dtype))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            assert torch.equal(got["full"], one.model(x))
+            assert torch.equal(got["cached"], cached_logits(one.model, x, dtype))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("preset", "world", "needle"), [

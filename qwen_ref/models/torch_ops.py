@@ -1,8 +1,8 @@
 """The model's ops in plain PyTorch, in HF Qwen2's numerics: the reference every other backend must equal.
 
 Each op has the signature models/backends.py gives it; the model calls them only through a Backends.
-One op here is not HF's arithmetic: prefill_attention, the default (invariant) backend's prefill attention, which
-skips the work above the diagonal and equals attention() up to float rounding.
+Two ops here are not HF's arithmetic: prefill_attention and sdpa_prefill, the default (invariant) backend's prefill
+attention, which skip the work above the diagonal and equal attention() up to float rounding.
 """
 
 from __future__ import annotations
@@ -108,8 +108,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
     """attention() for a row's queries that are the last T of its S keys (q_pos None, no window), without the work
     above the diagonal; other calls, and float64, run attention() itself.
 
-    float32: F.scaled_dot_product_attention, on the CPU a flash kernel (no score matrix in memory, online softmax,
-    key blocks above the diagonal skipped). bfloat16: attention() itself on blocks of PREFILL_QUERY_BLOCK queries,
+    float32: sdpa_prefill (torch's flash kernel). bfloat16: attention() itself on blocks of PREFILL_QUERY_BLOCK queries,
     each over only the keys its last query sees. Measured against attention() on Qwen2.5-0.5B's heads, 2 threads:
     float32 1.1x as fast at 64 queries over 64 keys, 1.4x at 32 over 4,096, 8.2x at 4,096 over 4,096 (torch's
     bfloat16 flash kernel is slower than attention() below about 128 x 4,096 scores, and at 4,096 over 4,096
@@ -127,6 +126,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         blocks = [attention(q[:, :, t : t + r], k[:, :, : S - T + t + r], v[:, :, : S - T + t + r], None, None, scale)
                   for t in range(0, T, PREFILL_QUERY_BLOCK) for r in [min(PREFILL_QUERY_BLOCK, T - t)]]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)  # [B, H, T, D]
+    return sdpa_prefill(q, k, v, scale)
+
+
+def sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Queries that are the last T of their S keys through F.scaled_dot_product_attention: on the CPU a flash kernel
+    (no score matrix in memory, online softmax, key blocks above the diagonal skipped). Float rounding of
+    attention(), not its bits; each row and head on its own."""
+    T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
