@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import ReadProbe, interleaved, roofline_fraction
+from limits import ReadProbe, interleaved, print_machine, roofline_fraction
 
 from qwen_ref.checkpoint.tiny import make_tiny_checkpoint
 from qwen_ref.disk_cache import cache_root
@@ -255,6 +255,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine(args.threads)
     device = torch.device(args.device)
 
     probe = ReadProbe() if device.type == "cpu" else None

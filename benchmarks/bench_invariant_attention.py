@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import ReadProbe, interleaved
+from limits import ReadProbe, interleaved, print_machine
 
 from qwen_ref_kernels.invariant_linear import extension
 
@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine(args.threads)
     probe = ReadProbe()
     for name, (heads, kv, d) in LAYOUTS.items():
         for context in args.context:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import ReadProbe, blas_peak_flops, fma_instruction_peak_flops, interleaved, roofline_fraction
+from limits import ReadProbe, blas_peak_flops, fma_instruction_peak_flops, interleaved, print_machine, roofline_fraction
 
 from qwen_ref_kernels.invariant_linear import extension, invariant_linear
 
@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine(args.threads)
     extension()  # build outside the timing
     probe = ReadProbe()
     peak, blas_peak = fma_instruction_peak_flops(), blas_peak_flops()

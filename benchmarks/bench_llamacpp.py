@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from bench_generate import DecodeSteps, checkpoint, weight_bytes_per_token
-from limits import ReadProbe, interleaved, roofline_fraction
+from limits import ReadProbe, interleaved, print_machine, roofline_fraction
 
 from qwen_ref.disk_cache import cache_root
 from qwen_ref.qwen import load
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--decode-linear", nargs="+", default=["torch", "invariant"], choices=["torch", "invariant"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine(args.threads)
     root = cache_root() / "bench"
     script = converter(root / "llama-cpp-sdist")
     probe = ReadProbe()

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import PRESETS, checkpoint
+from limits import print_machine
 
 from qwen_ref.qwen import load
 
@@ -71,6 +72,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine(args.threads)
     for preset in args.preset:
         for dtype in args.dtype:
             model = load(checkpoint(preset), dtype=dtype, decode_linear=args.decode_linear).model

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import PRESETS, checkpoint
+from limits import print_machine
 
 from qwen_ref.engine import generate_ids
 from qwen_ref.qwen import load
@@ -57,6 +58,7 @@ def main() -> int:
     ap.add_argument("--inexact", action="store_true", help="also time the BLAS batched path (not bit-equal)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine(args.threads)
     prompt = torch.randint(0, 151643, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     seeds = [args.seed + i for i in range(args.samples)]
     path = checkpoint(args.preset)

@@ -8,11 +8,34 @@ benchmarks report the median over rounds. `interleaved` runs the rounds, each ca
 
 from __future__ import annotations
 
+import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+# the CPU features that decide which kernels run and how fast (flags as /proc/cpuinfo names them)
+FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+
+
+def print_machine(threads: int) -> None:
+    """One JSON line naming the machine: figures from different sessions come from different CPUs."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass  # not Linux: the model from platform, no flags
+    print(json.dumps({"bench": "machine", "cpu": model, "features": [f for f in FEATURES if f in flags],
+                      "threads": threads, "torch": torch.__version__}), flush=True)
 
 
 class ReadProbe:
