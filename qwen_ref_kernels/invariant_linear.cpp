@@ -434,13 +434,19 @@ struct HeadRow {
 };
 
 // Software prefetch distances of the decode attention's two passes over the cache (the hardware prefetchers leave
-// these reads latency-bound): 8 blocks of 16 keys ahead in the scores, 32 rows of values ahead in the weighted sum.
+// these reads latency-bound), the same bytes in every dtype: 8 blocks of 16 float32 keys ahead in the scores (16
+// of bfloat16 or float16), 32 rows of float32 values ahead in the weighted sum (64 of 16-bit values).
 // Measured on bench_invariant_attention.py's cases (8,192 cached tokens, 24 layers' caches), this source with and
 // without them built side by side in one process, rounds alternating: Qwen2.5's 2 KV heads 1.19x (float32) and
-// 1.44x (bfloat16) faster, Qwen1.5's 16 heads 1.04x and 1.10x; 16 blocks / 64 rows and 4 / 16 were no better.
+// 1.44x (bfloat16) faster, Qwen1.5's 16 heads 1.04x and 1.10x; 16 blocks / 64 rows and 4 / 16 were no better (a
+// Zen 5). On an Intel Xeon, 16-bit keys at 16 blocks and values at 64 rows instead of 8 and 32: Qwen1.5's bfloat16
+// attention 1.19x faster, Qwen2.5's 1.04-1.08x (float32 at 16 / 64: 1.01-1.02x; at 32 / 128 Qwen1.5's 0.97x).
 // A block's prefetches are spread over its G query heads' calls (a share before each), not issued at once: Qwen2.5's
 // scores 1.29x (float32) and 1.23x (bfloat16) faster (A/B as above; 4 blocks ahead the same, 16 slower).
-constexpr int64_t KEY_BLOCKS_AHEAD = 8, VALUE_ROWS_AHEAD = 32;
+template <typename T>
+constexpr int64_t KEY_BLOCKS_AHEAD = 8 * sizeof(float) / sizeof(T);
+template <typename T>
+constexpr int64_t VALUE_ROWS_AHEAD = 32 * sizeof(float) / sizeof(T);
 
 // Decode attention scores of rows of S keys each, per KV head h: scores[h] = q[h] k[h]^T with the linear's order
 // (the G query heads that read KV head h against its keys), times *scale where scale is given (as `scaled` says:
@@ -457,8 +463,8 @@ void head_scores_into(const std::vector<HeadRow<T>>& rows, int64_t KV, int64_t G
       const HeadRow<T>& r = rows[b / per_row];
       const int64_t h = b % per_row / whole, s = b % whole * 16;
       const T* keys = r.k + h * r.kstride + s * D;
-      const int64_t lines = s + 16 * (KEY_BLOCKS_AHEAD + 1) <= S ? 16 * D * static_cast<int64_t>(sizeof(T)) / 64 : 0;
-      const char* ahead = reinterpret_cast<const char*>(keys + 16 * KEY_BLOCKS_AHEAD * D);
+      const int64_t lines = s + 16 * (KEY_BLOCKS_AHEAD<T> + 1) <= S ? 16 * D * static_cast<int64_t>(sizeof(T)) / 64 : 0;
+      const char* ahead = reinterpret_cast<const char*>(keys + 16 * KEY_BLOCKS_AHEAD<T> * D);
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t l = lines * g / G; l < lines * (g + 1) / G; ++l) __builtin_prefetch(ahead + 64 * l, 0, 3);
         const T* qg = r.q + (h * G + g) * D;
@@ -515,7 +521,7 @@ void weighted_block(const T* p, int64_t S, const T* v, int64_t D, int64_t d0, T*
     for (int j = 0; j < V; ++j) acc[g][j] = vf{};
   for (int64_t s = 0; s < S; ++s) {
     for (int j = 0; j < V * L * static_cast<int>(sizeof(T)); j += 64)  // the columns read VALUE_ROWS_AHEAD rows on
-      __builtin_prefetch(reinterpret_cast<const char*>(v + (s + VALUE_ROWS_AHEAD) * D + d0) + j);
+      __builtin_prefetch(reinterpret_cast<const char*>(v + (s + VALUE_ROWS_AHEAD<T>) * D + d0) + j);
     for (int j0 = 0; j0 < V; j0 += 2) {  // two vectors of the row at a time: GB x V sums, 2 values, 1 broadcast
       vf vs[2];
       for (int j = 0; j < 2 && j0 + j < V; ++j) vs[j] = load16(v + s * D + d0 + (j0 + j) * L);
