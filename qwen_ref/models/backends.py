@@ -64,7 +64,7 @@ def torch_bf16_prefill() -> bool:
     (Intel Xeon 4th generation on), where oneDNN's AMX products are far faster than the kernel's pair instruction.
     Measured on one (2 threads, Qwen2.5-0.5B shapes): a step's linears over 32 rows took 78 ms in BLAS against the
     kernel's 186; attention over 4,096 keys, torch's bfloat16 flash kernel 1.41 ms for 32 queries and 70 ms for
-    4,096 against the C++ flash attention's 4.9 and 190 (on a Zen 5 without AMX the C++ one was the 3x faster).
+    4,096 against the C++ flash attention's 4.9 and 190 (on a Zen 5 without AMX the C++ one was 3x faster).
     A fixed property of the CPU, so a request's numbers do not depend on timings; decode steps keep the kernel."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own check, the one oneDNN's choice follows
     return bool(probe is not None and probe())
