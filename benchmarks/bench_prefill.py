@@ -11,9 +11,13 @@ The rest of the forward is attention (T^2 work, growing with T), RMSNorm, rope a
 --chunk N (0: one forward, the default) prefills as the engine does instead: forwards of N tokens at offsets
 0, N, 2N, ... of the prompt, the last one with logits; the torch.mm reference stays the one-shot shapes, so the
 fraction also shows what chunking costs (the engine's default chunk is 32 tokens).
+--bf16-route picks how a bfloat16 prompt runs in the default backend: "auto" as load() decides (torch's products
+and flash attention on CPUs with AMX, backends.torch_bf16_prefill), "torch" or "kernels" forced, to compare the
+two on one machine.
 
     python benchmarks/bench_prefill.py [--preset qwen2.5-0.5b-shape ...] [--dtype float32 bfloat16]
                                        [--tokens 512 4096] [--chunk 0] [--rounds 3] [--decode-linear auto]
+                                       [--bf16-route auto]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import PRESETS, checkpoint
 from limits import print_machine
 
+from qwen_ref.models import backends
 from qwen_ref.qwen import load
 
 
@@ -69,10 +74,13 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=0)
     ap.add_argument("--decode-linear", default="auto", choices=["auto", "torch", "invariant"])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bf16-route", default="auto", choices=["auto", "torch", "kernels"])
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print_machine(args.threads)
+    if args.bf16_route != "auto":
+        backends.torch_bf16_prefill = lambda: args.bf16_route == "torch"  # the backend looks it up at each call
     for preset in args.preset:
         for dtype in args.dtype:
             model = load(checkpoint(preset), dtype=dtype, decode_linear=args.decode_linear).model
@@ -88,6 +96,7 @@ def main() -> int:
                 f, m = statistics.median(fwd), statistics.median(mm)
                 print(json.dumps({"bench": "prefill", "preset": preset, "dtype": dtype, "tokens": tokens,
                                   "chunk": args.chunk, "backend": model.backends.name, "threads": args.threads,
+                                  "bf16_torch_prefill": backends.torch_bf16_prefill(),
                                   "forward_s": round(f, 3), "mm_s": round(m, 3),
                                   "prefill_tok_s": round(tokens / f, 1), "mm_tok_s": round(tokens / m, 1),
                                   "mm_fraction": round(statistics.median(b / a for a, b in zip(fwd, mm)), 3)}),
