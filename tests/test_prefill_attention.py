@@ -161,5 +161,6 @@ def test_bfloat16_prefill_on_cpus_with_amx_is_torchs(tiny, monkeypatch, amx):
     reference = qwen_ref.load(tiny("qwen2.5"), dtype="bfloat16", decode_linear="torch").model
     with torch.inference_mode():
         want = reference(ids[:, :20], cache=reference.new_cache(1, 20))
-    # bfloat16 rounding through the tiny model's layers, at the logits' scale
-    assert (prompt.float() - want.float()).abs().max().item() <= 0.05 * want.float().abs().max().item()
+    # bfloat16 rounding through the tiny model's layers, at the logits' scale: 0.011 (torch's route) and 0.002 (the
+    # kernels') measured, about 3 and 1 bfloat16 units
+    assert (prompt.float() - want.float()).abs().max().item() <= 0.03 * want.float().abs().max().item()
