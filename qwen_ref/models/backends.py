@@ -170,13 +170,14 @@ def _invariant_prefill_attention(q, k, v, q_pos, window, scale):
     # bfloat16 and float16 prompts (queries that are the last T of their keys, no window) through the C++ flash
     # attention (qwen_ref_kernels/flash_prefill.py); bfloat16 only where the CPU has the pair instruction it is
     # built on, and torch's flash kernel where torch_bf16_prefill(); the rest torch_ops.prefill_attention
-    if q_pos is None and window is None and q.dtype == torch.bfloat16 and torch_bf16_prefill():
-        return torch_ops.sdpa_prefill(q, k, v, scale)
-    if (q_pos is None and window is None and q.shape[-1] % 64 == 0 and q.device.type == "cpu"
-            and (q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and _native_bf16()))):
-        from qwen_ref_kernels.flash_prefill import flash_prefill
+    if q_pos is None and window is None:
+        if q.dtype == torch.bfloat16 and torch_bf16_prefill():
+            return torch_ops.sdpa_prefill(q, k, v, scale)
+        if (q.shape[-1] % 64 == 0 and q.device.type == "cpu"
+                and (q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and _native_bf16()))):
+            from qwen_ref_kernels.flash_prefill import flash_prefill
 
-        return flash_prefill(q, k, v, scale)
+            return flash_prefill(q, k, v, scale)
     return torch_ops.prefill_attention(q, k, v, q_pos, window, scale)
 
 
